@@ -1,0 +1,1 @@
+"""Data sources and loaders for titan-hybrid."""

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train titan-hybrid with torchrun: ./run_train.sh CONFIG.toml [--section.key value ...]
+#
+# Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks),
+# NNODES (default 1), NODE_RANK (0), RDZV_ENDPOINT (host:port, multi-node only),
+# PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0).
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CONFIG.toml [--section.key value ...]" >&2
+    exit 2
+fi
+CONFIG_FILE=$(realpath "$1"); shift
+if [[ ! -f "$CONFIG_FILE" ]]; then
+    echo "run_train.sh: config file '$CONFIG_FILE' does not exist" >&2
+    exit 2
+fi
+cd "$(dirname "$(realpath "$0")")"
+
+PYTHON=${PYTHON:-python3}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+if [[ "$GPUS" -gt 0 ]]; then
+    NGPU=${NGPU:-$GPUS}
+else
+    NGPU=${NGPU:-2}  # CPU: gloo ranks
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+NNODES=${NNODES:-1}
+LOG_RANK=${LOG_RANK:-0}
+
+if [[ "$NNODES" -gt 1 ]]; then
+    RDZV=(--rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port for multi-node runs}")
+else
+    RDZV=(--standalone)
+fi
+
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$NNODES" --nproc_per_node "$NGPU" "${RDZV[@]}" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+    -m titan_hybrid.train --job.config_file "$CONFIG_FILE" "$@"

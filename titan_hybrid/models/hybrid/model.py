@@ -1,0 +1,111 @@
+"""Hybrid decoder LM: a pattern string picks each layer's sequence mixer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtitan.protocols.model import ModelProtocol
+
+from .args import HybridModelArgs
+from .attention import Attention, rope_cache
+from .gla import GatedLinearAttention
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=std)
+        nn.init.trunc_normal_(self.w3.weight, std=std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HybridBlock(nn.Module):
+    """Pre-norm residual block: mixer then SwiGLU."""
+
+    def __init__(self, mixer_kind: str, args: HybridModelArgs):
+        super().__init__()
+        self.mixer_kind = mixer_kind
+        self.mixer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mixer = Attention(args) if mixer_kind == "A" else GatedLinearAttention(args)
+        self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mlp = SwiGLU(args.dim, args.ffn_dim)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.mixer_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.mixer.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        resets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = self.mixer_norm(x)
+        if self.mixer_kind == "A":
+            x = x + self.mixer(h, rope, positions, doc_ids)
+        else:
+            x = x + self.mixer(h, resets)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(ModelProtocol):
+    """Decoder-only LM with tied input/output embeddings.
+
+    ``forward(tokens, positions=None)``: ``positions`` restart at 0 where a packed
+    document starts; with ``document_masking`` they keep attention and the GLA
+    state inside each document. Without them every row is one sequence.
+    """
+
+    def __init__(self, model_args: HybridModelArgs):
+        super().__init__(model_args)
+        self.model_args = model_args
+        self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): HybridBlock(kind, model_args) for i, kind in enumerate(model_args.pattern)}
+        )
+        self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
+        self.register_buffer("rope", self._rope(), persistent=False)
+
+    def _rope(self, device=None) -> torch.Tensor:
+        a = self.model_args
+        return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, device=device)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Small-std init; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        device = buffer_device or self.rope.device
+        self.rope = self._rope(device=device)
+        std = 0.02
+        out_std = std / math.sqrt(2 * self.model_args.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers.values():
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        doc_ids = resets = None
+        if positions is None or not self.model_args.document_masking:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            resets = positions == 0
+            doc_ids = resets.cumsum(dim=1)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, self.rope, positions, doc_ids, resets)
+        h = self.norm(h)
+        return F.linear(h, self.tok_embeddings.weight)

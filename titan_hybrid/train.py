@@ -1,0 +1,24 @@
+"""Training entry point: TorchTitan's trainer with the hybrid train spec.
+
+``python -m titan_hybrid.train --job.config_file train_configs/debug_cpu.toml``
+(normally through ``run_train.sh``, which wraps torchrun).
+"""
+
+from titan_hybrid.platform.cpu import configure_platform
+
+
+def main() -> None:
+    configure_platform()  # before TorchTitan builds its device handles
+    from torchtitan.train import Trainer
+    from torchtitan.train import main as torchtitan_main
+
+    import data_pipelines.text_fixture
+    import titan_hybrid.models.hybrid
+
+    titan_hybrid.models.hybrid.register()
+    data_pipelines.text_fixture.register()
+    torchtitan_main(Trainer)
+
+
+if __name__ == "__main__":
+    main()

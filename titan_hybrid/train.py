@@ -13,9 +13,9 @@ def main() -> None:
     from torchtitan.train import main as torchtitan_main
 
     import data_pipelines.text_fixture
-    import titan_hybrid.models.hybrid
+    from titan_hybrid.models.hybrid import train_spec
 
-    titan_hybrid.models.hybrid.register()
+    train_spec.register()
     data_pipelines.text_fixture.register()
     torchtitan_main(Trainer)
 

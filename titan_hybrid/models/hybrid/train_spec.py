@@ -1,0 +1,36 @@
+"""The hybrid LM registered as a TorchTitan train spec named ``hybrid``."""
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.tokenizer import build_hf_tokenizer
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+
+from . import hybrid_flavors
+from .model import HybridLM
+from .parallelize import parallelize_hybrid
+
+TRAIN_SPEC_NAME = "hybrid"
+_registered: set[str] = set()
+
+
+def register() -> None:
+    """Register the ``hybrid`` train spec with TorchTitan (idempotent)."""
+    if TRAIN_SPEC_NAME in _registered:
+        return
+    _registered.add(TRAIN_SPEC_NAME)
+    register_train_spec(
+        TRAIN_SPEC_NAME,
+        TrainSpec(
+            model_cls=HybridLM,
+            model_args=hybrid_flavors,
+            parallelize_fn=parallelize_hybrid,
+            pipelining_fn=None,
+            build_optimizers_fn=build_optimizers,
+            build_lr_schedulers_fn=build_lr_schedulers,
+            build_dataloader_fn=build_text_dataloader,
+            build_tokenizer_fn=build_hf_tokenizer,
+            build_loss_fn=build_cross_entropy_loss,
+        ),
+    )

@@ -8,6 +8,7 @@ tolerance (fp32 kernel, which uses TF32 dots: 2e-3; bf16: 2e-2). Needs a CUDA GP
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -47,7 +48,8 @@ def op_case(B, T, H, K, V, dtype, with_resets) -> dict[str, float]:
 
 
 def model_case(dtype) -> dict[str, float]:
-    args = hybrid_flavors["debug"].replace(vocab_size=1024)
+    # Head dims 64, as in the 308M model, so the kernels' tuned configs are shared.
+    args = hybrid_flavors["debug"].replace(dim=256, n_heads=4, n_kv_heads=2, vocab_size=1024)
     torch.manual_seed(0)
     model = HybridLM(args)
     model.init_weights()
@@ -63,11 +65,17 @@ def model_case(dtype) -> dict[str, float]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", default=["2,4096,16,64,64", "1,1000,4,64,64"],
+                        help="B,T,H,K,V per case (each new K/V/dtype costs a Triton autotune)")
+    cli = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     worst_ok = True
     cases = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for shape in [(2, 512, 4, 64, 64), (1, 1000, 2, 128, 64), (2, 4096, 16, 64, 64)]:
+    shapes = [tuple(int(x) for x in s.split(",")) for s in cli.shapes]
+    for dtype in (getattr(torch, d) for d in cli.dtypes):
+        for shape in shapes:
             for resets in (False, True):
                 cases.append((f"op {shape} {dtype} resets={resets}", dtype, lambda s=shape, d=dtype, r=resets: op_case(*s, d, r)))
         cases.append((f"debug model {dtype}", dtype, lambda d=dtype: model_case(d)))

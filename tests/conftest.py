@@ -1,0 +1,32 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
+
+
+def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def logged_losses(output: str) -> dict[int, float]:
+    """Rank-0 step -> loss from TorchTitan's metric lines."""
+    return {int(s): float(l) for s, l in STEP_LINE.findall(output)}
+
+
+@pytest.fixture
+def run_train(tmp_path):
+    """Launch ./run_train.sh with a dump folder under tmp_path."""
+
+    def launch(config: str, *overrides: str, nproc: int = 2, timeout: int = 900):
+        cmd = ["./run_train.sh", config, "--job.dump_folder", str(tmp_path / "run"), *overrides]
+        return run_cmd(cmd, timeout=timeout, env={"NGPU": str(nproc)})
+
+    return launch

@@ -3,7 +3,9 @@
 #
 # Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks),
 # NNODES (default 1), NODE_RANK (0), RDZV_ENDPOINT (host:port, multi-node only),
-# PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0).
+# PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
+# RESUME_STEP (resume from this step-N checkpoint; by default, with [checkpoint] enable, the run
+# resumes from the newest complete checkpoint in its folder, see docs/checkpointing.md).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -34,7 +36,12 @@ else
     RDZV=(--standalone)
 fi
 
+RESUME=()
+if [[ -n "${RESUME_STEP:-}" ]]; then
+    RESUME=(--checkpoint.load_step "$RESUME_STEP")
+fi
+
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc_per_node "$NGPU" "${RDZV[@]}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m titan_hybrid.train --job.config_file "$CONFIG_FILE" "$@"
+    -m titan_hybrid.train --job.config_file "$CONFIG_FILE" "${RESUME[@]}" "$@"

@@ -9,15 +9,13 @@ from titan_hybrid.platform.cpu import configure_platform
 
 def main() -> None:
     configure_platform()  # before TorchTitan builds its device handles
-    from torchtitan.train import Trainer
     from torchtitan.train import main as torchtitan_main
 
-    import data_pipelines.text_fixture
     from titan_hybrid.models.hybrid import train_spec
+    from titan_hybrid.trainer import HybridTrainer
 
     train_spec.register()
-    data_pipelines.text_fixture.register()
-    torchtitan_main(Trainer)
+    torchtitan_main(HybridTrainer)
 
 
 if __name__ == "__main__":

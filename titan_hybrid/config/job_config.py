@@ -5,6 +5,7 @@ TorchTitan merges these dataclasses into its own.
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -25,5 +26,101 @@ class HybridModel:
 
 
 @dataclass
+class Optimizer:
+    """Fields added to TorchTitan's ``[optimizer]``; used when ``name = "GrokAdamW"``."""
+
+    cautious: bool = True
+    """Apply only update components whose sign agrees with the gradient, rescaled by the mask mean."""
+    grokfast: bool = False
+    """Add ``grokfast_lambda`` times an EMA (``grokfast_alpha``) of the gradient to the gradient."""
+    grokfast_alpha: float = 0.98
+    grokfast_lambda: float = 2.0
+    decay_embeddings: bool = True
+    """Weight-decay nn.Embedding weights; norms and biases (1-D params) are never decayed."""
+
+
+@dataclass
+class LRScheduler:
+    """Fields added to TorchTitan's ``[lr_scheduler]``; each overrides its TorchTitan counterpart."""
+
+    warmup_fraction: float | None = None
+    """Warmup as a fraction of the schedule's total steps, instead of ``warmup_steps``."""
+    min_lr: float | None = None
+    """LR floor as a learning rate, instead of ``min_lr_factor`` (a fraction of ``optimizer.lr``)."""
+
+
+@dataclass
+class DataSource:
+    """A corpus of the mix: Parquet shards under ``path`` (hub dataset id or local directory)."""
+
+    path: str = ""
+    """Hub dataset id (read by streaming) or a local directory laid out like the hub repo."""
+    data_dir: str = ""
+    """Folder inside ``path`` whose ``**/*.parquet`` files are the shards (e.g. ``sample/10BT``)."""
+    weight: float = 0.0
+    """Mixing weight, normalised over the sources; 0 leaves the source out."""
+
+
+@dataclass
+class TextSource(DataSource):
+    """Web text or code: every token of ``text_field`` is supervised."""
+
+    text_field: str = "text"
+
+
+@dataclass
+class ReasoningSource(DataSource):
+    """Math with reasoning traces: ``prompt <think> reasoning </think> answer``, prompt unsupervised."""
+
+    prompt_field: str = "problem"
+    reasoning_field: str = "solution"
+    """A list value (e.g. OpenR1's ``generations``) contributes its first element."""
+    answer_field: str = "answer"
+
+
+@dataclass
+class HybridData:
+    """The ``[hybrid_data]`` pipeline (``data_pipelines.dataloader``); tokenizer: ``[model] hf_assets_path``."""
+
+    web: TextSource = field(
+        default_factory=lambda: TextSource(
+            path="HuggingFaceFW/fineweb-edu", data_dir="sample/10BT", weight=1.0, text_field="text"
+        )
+    )
+    code: TextSource = field(
+        default_factory=lambda: TextSource(path="bigcode/starcoderdata", data_dir="python", text_field="content")
+    )
+    reasoning: ReasoningSource = field(
+        default_factory=lambda: ReasoningSource(path="open-r1/OpenR1-Math-220k", data_dir="data")
+    )
+    seed: int = 3407
+    """Seeds the mixing, the shard order (per epoch) and the shuffle buffer."""
+    shuffle_buffer: int = 10000
+    """Documents held by the shuffle buffer; 0 or 1 disables sample shuffling."""
+    num_workers: int = 2
+    """Tokenizer workers per rank (0: inline); the stream does not depend on it."""
+    worker_method: str = "thread"
+    """``thread`` or ``process`` tokenizer workers."""
+    skip_bad_shards: bool = False
+    """Skip (and count, in the log) shards that cannot be read or lack a field, instead of failing."""
+
+
+@dataclass
+class Resilience:
+    """Non-finite-loss policy and the per-step record (``[resilience]``); see docs/checkpointing.md."""
+
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """On a NaN/Inf loss: stop the run, or skip that step's update (weights and optimizer state unchanged)."""
+    step_record: bool = False
+    """Append each step's exact loss and batch fingerprints to <dump_folder>/step_record/rank_<r>.jsonl."""
+    inject_nonfinite_loss_at: list[int] = field(default_factory=list)
+    """Debug: make rank 0's logits NaN at these steps, to exercise the guard."""
+
+
+@dataclass
 class JobConfig:
     hybrid_model: HybridModel = field(default_factory=HybridModel)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    hybrid_data: HybridData = field(default_factory=HybridData)
+    resilience: Resilience = field(default_factory=Resilience)

@@ -1,11 +1,11 @@
 """The hybrid LM registered as a TorchTitan train spec named ``hybrid``."""
 
 from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
-from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+
+from data_pipelines.dataloader import build_hybrid_dataloader
+from titan_hybrid.optim import build_lr_schedulers, build_optimizers
 
 from . import hybrid_flavors
 from .model import HybridLM
@@ -29,7 +29,7 @@ def register() -> None:
             pipelining_fn=None,
             build_optimizers_fn=build_optimizers,
             build_lr_schedulers_fn=build_lr_schedulers,
-            build_dataloader_fn=build_text_dataloader,
+            build_dataloader_fn=build_hybrid_dataloader,
             build_tokenizer_fn=build_hf_tokenizer,
             build_loss_fn=build_cross_entropy_loss,
         ),

@@ -1,0 +1,105 @@
+"""Tokenizing documents and packing them into fixed-length training rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torchdata.nodes import BaseNode
+from torchtitan.components.loss import IGNORE_INDEX
+
+from .sources import END_THINK, THINK, Doc
+
+Encoded = tuple[list[int], int]
+"""A document's token ids and how many leading ones are unsupervised prompt."""
+Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(input, labels, positions)``, each ``LongTensor[seq_len]``."""
+
+
+class Encoder:
+    """Maps a document to ``(ids, n_prompt)``; picklable, so it runs in process workers too."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, doc: Doc) -> Encoded:
+        if "text" in doc:
+            return self._ids(doc["text"]), 0
+        prompt = self._ids(doc["prompt"])
+        return prompt + self._ids(doc["response"]), len(prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def check_special_tokens(tokenizer: Tokenizer) -> None:
+    """Reasoning formatting needs ``<think>``/``</think>`` to encode as one token each."""
+    for token in (THINK, END_THINK):
+        ids = tokenizer.encode(token, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer must encode {token!r} as one token (add it as a special token), got {ids}")
+
+
+class Packer(BaseNode[Row]):
+    """Concatenates encoded documents, each followed by EOS, into rows of ``seq_len + 1`` tokens.
+
+    ``positions`` count from 0 at each document's first token, and also at the start
+    of each row: a document continued from the previous row sees nothing before the
+    row anyway, and it keeps positions below ``seq_len`` (the RoPE table). Labels are
+    the next token, or ``IGNORE_INDEX`` where the next token is prompt. Documents that
+    encode to no tokens are dropped and counted in ``empty_docs``.
+    """
+
+    SOURCE, IDS, SUPERVISED, STARTS = "source", "ids", "supervised", "starts"
+
+    def __init__(self, source: BaseNode[Encoded], seq_len: int, eos_id: int):
+        super().__init__()
+        self.source, self.seq_len, self.eos_id = source, seq_len, eos_id
+        self.empty_docs = 0
+
+    def reset(self, initial_state: dict[str, Any] | None = None):
+        super().reset(initial_state)
+        if initial_state is not None:
+            self.source.reset(initial_state[self.SOURCE])
+            self._ids = list(initial_state[self.IDS])
+            self._supervised = list(initial_state[self.SUPERVISED])
+            self._starts = list(initial_state[self.STARTS])
+        else:
+            self.source.reset(None)
+            self._ids, self._supervised, self._starts = [], [], []
+
+    def next(self) -> Row:
+        n = self.seq_len + 1
+        while len(self._ids) < n:
+            ids, n_prompt = next(self.source)
+            if not ids:
+                self.empty_docs += 1
+                continue
+            self._ids += ids + [self.eos_id]
+            self._supervised += [False] * n_prompt + [True] * (len(ids) - n_prompt + 1)
+            self._starts += [True] + [False] * len(ids)
+        tokens = torch.tensor(self._ids[:n])
+        supervised = torch.tensor(self._supervised[:n])
+        starts = torch.tensor(self._starts[:n])
+        del self._ids[:n], self._supervised[:n], self._starts[:n]
+
+        labels = torch.where(supervised[1:], tokens[1:], IGNORE_INDEX)
+        starts[0] = True
+        steps = torch.arange(self.seq_len)
+        last_start = torch.cummax(torch.where(starts[:-1], steps, 0), dim=0).values
+        return tokens[:-1], labels, steps - last_start
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            self.SOURCE: self.source.state_dict(),
+            self.IDS: list(self._ids),
+            self.SUPERVISED: list(self._supervised),
+            self.STARTS: list(self._starts),
+        }
+
+
+def collate(rows: list[Row]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """TorchTitan's batch contract: ``({"input", "positions"}, labels)``, each ``[B, seq_len]``."""
+    inputs, labels, positions = (torch.stack(t) for t in zip(*rows))
+    return {"input": inputs, "positions": positions}, labels

@@ -1,0 +1,151 @@
+"""Fault-tolerant checkpoints: kill -9 + resume, fewer ranks, damaged checkpoints, non-finite loss.
+
+Each test launches CPU runs (gloo, FSDP2) through run_train.sh; see tests/_train_runs.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_runs import INTERVAL, STEPS, records, reference_run, train, train_until_killed
+from titan_hybrid.checkpoint import COMPLETE_MARKER, RNGState, newest_resumable_step
+from titan_hybrid.export import load_checkpoint_model
+
+REFERENCE_ARGS = ["--training.steps", str(STEPS), "--checkpoint.interval", str(INTERVAL)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return reference_run(tmp_path_factory.getbasetemp())
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: digest(p) for p in folder.iterdir() if p.is_file()}
+
+
+def test_kill_9_after_step_10_then_resume_is_bit_exact(reference, tmp_path):
+    dump = tmp_path / "run"
+    train_until_killed(dump, dump / "checkpoint" / "step-10" / COMPLETE_MARKER, *REFERENCE_ARGS)
+    assert max(records(dump)) < STEPS, "the kill came too late to test anything"
+
+    log = train(dump, *REFERENCE_ARGS).stdout
+
+    assert f"Loading the checkpoint from {dump}/checkpoint/step-10." in log
+    want, got = records(reference), records(dump)
+    for step in range(11, STEPS + 1):
+        assert got[step]["loss"] == want[step]["loss"], f"step {step}"
+        assert got[step]["rows"] == want[step]["rows"], f"step {step}: different samples"
+
+
+def test_resume_on_one_rank_continues_loss_and_data(reference, tmp_path):
+    """Saved with 2 ranks, resumed with 1 (same global batch through gradient accumulation)."""
+    dump = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint" / "step-10", dump / "checkpoint" / "step-10")
+    want = records(reference)
+
+    proc = train(dump, *REFERENCE_ARGS, ranks=1, check=False)
+
+    if "resharding the stream is not supported" in proc.stdout:
+        # Known gap (data loader, issue 3): model, optimizer, LR and step must still reshard.
+        train(dump, *REFERENCE_ARGS, "--training.steps", "11", "--checkpoint.exclude_from_loading", "dataloader",
+              ranks=1)  # fmt: skip
+        got = records(dump)
+        assert min(got) == 11, "did not resume at step 11"
+        assert abs(got[11]["loss"] - want[11]["loss"]) < 0.5 < want[1]["loss"] - got[11]["loss"]
+        pytest.xfail("the data loader cannot reshard its stream state (2 -> 1 dp ranks); issue 3")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert f"Loading the checkpoint from {dump}/checkpoint/step-10." in proc.stdout
+    got = records(dump)
+    for step in range(11, STEPS + 1):
+        assert got[step]["rows"] == want[step]["rows"], f"step {step}: samples repeated or skipped"
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), f"step {step}"
+
+
+def test_truncated_latest_checkpoint_falls_back_and_keeps_everything(reference, tmp_path):
+    dump = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint", dump / "checkpoint")
+    ckpt = dump / "checkpoint"
+    shard = ckpt / "step-15" / "__1_0.distcp"
+    full_size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(full_size // 2)
+    before = {step: snapshot(ckpt / step) for step in ("step-5", "step-10", "step-15")}
+
+    log = train(dump, *REFERENCE_ARGS).stdout
+
+    assert f"step-15: file __1_0.distcp has {full_size // 2} bytes, {full_size} were written" in log
+    assert "Falling back to step-10. Nothing in" in log
+    assert f"Loading the checkpoint from {ckpt}/step-10." in log
+    want, got = records(reference), records(dump)
+    assert [got[s]["loss"] for s in range(11, STEPS + 1)] == [want[s]["loss"] for s in range(11, STEPS + 1)]
+    # Nothing was deleted or rewritten: the damaged step-15 was set aside when step 15 was saved again.
+    assert snapshot(ckpt / "step-5") == before["step-5"] and snapshot(ckpt / "step-10") == before["step-10"]
+    (aside,) = (ckpt / "superseded").glob("step-15.*")
+    assert snapshot(aside) == before["step-15"]
+
+
+def test_incomplete_checkpoints_are_never_chosen(reference, tmp_path):
+    folder = tmp_path / "checkpoint"
+    for step in (5, 10, 15, 20, 25):
+        shutil.copytree(reference / "checkpoint" / "step-10", folder / f"step-{step}")
+    (folder / "step-10" / ".metadata").unlink()  # died before DCP's final write
+    (folder / "step-15" / COMPLETE_MARKER).unlink()  # died before the save was confirmed
+    with open(folder / "step-20" / "__0_0.distcp", "ab") as f:  # altered after the fact
+        f.write(b"x")
+    marker = folder / "step-25" / COMPLETE_MARKER  # a last save with last_save_model_only
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "model_only": True}))
+
+    step, reasons = newest_resumable_step(str(folder))
+
+    assert step == 5
+    assert [r.split(":")[0] for r in reasons] == ["step-25", "step-20", "step-15", "step-10"]
+    assert "model-only" in reasons[0] and "has" in reasons[1] and COMPLETE_MARKER in reasons[2]
+    assert "missing .metadata" in reasons[3]
+
+
+def test_rng_state_round_trip():
+    rng = RNGState()
+    saved = rng.state_dict()
+    first = torch.rand(4), torch.randint(0, 1000, (4,))
+    rng.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(first, (torch.rand(4), torch.randint(0, 1000, (4,)))))
+
+
+NAN_ARGS = ["--training.steps", "4", "--resilience.inject_nonfinite_loss_at", "3"]
+
+
+def test_nonfinite_loss_stops_the_run_without_a_checkpoint(tmp_path):
+    dump = tmp_path / "run"
+
+    proc = train(dump, *NAN_ARGS, "--checkpoint.interval", "2", check=False)
+
+    assert proc.returncode != 0
+    assert "step 3: non-finite loss nan" in proc.stdout and "stopping" in proc.stdout
+    assert (dump / "nonfinite" / "step_3_rank_0.pt").is_file()
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-2"]
+    model = load_checkpoint_model(str(dump / "checkpoint" / "step-2"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_loss_skips_the_update(tmp_path):
+    dump = tmp_path / "run"
+
+    log = train(dump, *NAN_ARGS, "--checkpoint.interval", "1", "--resilience.on_nonfinite_loss", "skip").stdout
+
+    assert "step 3: non-finite loss nan" in log and "skipping the update" in log
+    rec = records(dump)
+    assert [rec[s]["skipped"] for s in (1, 2, 3, 4)] == [False, False, True, False]
+    ckpt = dump / "checkpoint"
+    at_2, at_3 = (load_checkpoint_model(str(ckpt / f"step-{s}")).state_dict() for s in (2, 3))
+    assert all(torch.equal(at_2[k], at_3[k]) for k in at_2), "the skipped step changed the weights"
+    assert all(torch.isfinite(p).all() for p in load_checkpoint_model(str(ckpt / "step-4")).parameters())

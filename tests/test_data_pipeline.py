@@ -1,0 +1,210 @@
+"""The [hybrid_data] pipeline on the fixture shards: determinism, mixing, sharding, resume, formatting, errors."""
+
+import os
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer
+from torchtitan.components.loss import IGNORE_INDEX
+
+from data_pipelines.dataloader import HybridDataLoader, build_batches, build_documents, build_source
+from data_pipelines.packing import Encoder
+from data_pipelines.sources import DataSourceError
+from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "data_pipelines" / "fixtures"
+TOKENIZER = Tokenizer.from_file(str(ROOT / "assets" / "tokenizer" / "starcoder2_think" / "tokenizer.json"))
+EOS, THINK_ID, END_THINK_ID = 0, 49152, 49153
+SEQ_LEN, BATCH = 128, 2
+
+
+def fixture_data(web=0.5, code=0.25, reasoning=0.25, **kw) -> HybridData:
+    return HybridData(
+        web=TextSource(path=str(FIXTURES / "fineweb-edu"), data_dir="sample/10BT", weight=web),
+        code=TextSource(path=str(FIXTURES / "starcoderdata"), data_dir="python", weight=code, text_field="content"),
+        reasoning=ReasoningSource(path=str(FIXTURES / "openr1"), data_dir="data", weight=reasoning),
+        **{"seed": 1234, "shuffle_buffer": 16, "num_workers": 0, **kw},
+    )
+
+
+def loader(data: HybridData, rank: int = 0, world: int = 1) -> HybridDataLoader:
+    return HybridDataLoader(build_batches(data, TOKENIZER, EOS, SEQ_LEN, BATCH, rank, world), rank, world)
+
+
+def take(it, n: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xa.keys() == xb.keys() == {"input", "positions"}
+        for k in xa:
+            assert torch.equal(xa[k], xb[k]), k
+        assert torch.equal(ya, yb)
+
+
+def test_batch_contract():
+    x, y = next(iter(loader(fixture_data())))
+    for t in (x["input"], x["positions"], y):
+        assert t.dtype == torch.long and t.shape == (BATCH, SEQ_LEN)
+    # Labels are the next input token unless ignored.
+    keep = y[:, :-1] != IGNORE_INDEX
+    assert torch.equal(y[:, :-1][keep], x["input"][:, 1:][keep])
+    # Positions restart after every EOS (EOS ends its document) and stay below seq_len.
+    after_eos = torch.zeros_like(x["input"], dtype=torch.bool)
+    after_eos[:, 1:] = x["input"][:, :-1] == EOS
+    assert (x["positions"][after_eos] == 0).all()
+    assert (x["positions"][:, 0] == 0).all()
+    steps = x["positions"][:, 1:] - x["positions"][:, :-1]
+    assert ((steps == 1) | (x["positions"][:, 1:] == 0)).all()
+
+
+def test_same_seed_same_stream_other_seed_other_order():
+    data = fixture_data()
+    a, b = take(iter(loader(data)), 6), take(iter(loader(data)), 6)
+    assert_same(a, b)
+    c = take(iter(loader(replace(data, seed=99))), 6)
+    assert not all(torch.equal(x["input"], z["input"]) for (x, _), (z, _) in zip(a, c))
+
+
+def test_realised_mixture_matches_weights():
+    """~10k documents, before tokenization (the mixture is decided there)."""
+    weights = {"web": 0.5, "code": 0.25, "reasoning": 0.25}
+    docs = build_documents(fixture_data(**weights, shuffle_buffer=256), dp_rank=0, dp_world_size=1)
+    docs.reset()
+    counts = Counter(next(docs)["source"] for _ in range(10_000))
+    for name, w in weights.items():
+        assert abs(counts[name] / 10_000 - w) < 0.02, counts
+
+
+@pytest.mark.parametrize("name,world", [("web", 2), ("reasoning", 2), ("code", 3)])
+def test_ranks_read_disjoint_shares_covering_the_source(name, world):
+    """web has 2 shards (split by shard), reasoning and code 1 (split by row)."""
+    data = fixture_data()
+    shares = []
+    for rank in range(world):
+        source = build_source(name, getattr(data, name), data, rank, world)
+        source.reset()
+        shares.append([str(doc) for doc in source])  # one epoch
+    everything = build_source(name, getattr(data, name), data, 0, 1)
+    everything.reset()
+    assert sorted(sum(shares, [])) == sorted(str(doc) for doc in everything)
+    assert sum(len(s) for s in shares) == sum(len(set(s)) for s in shares)  # no repeats inside a share
+    for i in range(world):
+        for j in range(i + 1, world):
+            assert not set(shares[i]) & set(shares[j])
+
+
+def test_two_ranks_get_different_batches():
+    data = fixture_data()
+    r0, r1 = take(iter(loader(data, 0, 2)), 3), take(iter(loader(data, 1, 2)), 3)
+    assert not any(torch.equal(x0["input"], x1["input"]) for (x0, _), (x1, _) in zip(r0, r1))
+
+
+def test_num_workers_does_not_change_a_ranks_stream():
+    data = fixture_data()
+    streams = {
+        (n, method): take(iter(loader(replace(data, num_workers=n, worker_method=method), 1, 2)), 6)
+        for n, method in [(0, "thread"), (1, "thread"), (2, "thread"), (2, "process")]
+    }
+    ref = streams[(0, "thread")]
+    for stream in streams.values():
+        assert_same(stream, ref)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_resumes_with_the_next_batch(num_workers):
+    """Resume after k batches from a fresh loader; a 2-document buffer crosses many blocks."""
+    data = fixture_data(shuffle_buffer=2, num_workers=num_workers)
+    first = loader(data, 1, 2)
+    it = iter(first)
+    take(it, 5)
+    state = first.state_dict()
+    expected = take(it, 5)
+
+    resumed = loader(data, 1, 2)
+    resumed.state_dict()  # as DCP does, to get a template, before loading
+    resumed.load_state_dict(state)
+    assert_same(take(iter(resumed), 5), expected)
+
+    with pytest.raises(ValueError, match="dp ranks"):
+        loader(data, 0, 4).load_state_dict({**state, "world_size": 2, "dp_rank_0": state["dp_rank_1"]})
+
+
+def test_reasoning_prompt_is_ignored_and_think_tags_are_single_tokens():
+    for tag, tid in (("<think>", THINK_ID), ("</think>", END_THINK_ID)):
+        assert TOKENIZER.encode(tag, add_special_tokens=False).ids == [tid]
+    data = fixture_data(web=0.0, code=0.0, reasoning=1.0, shuffle_buffer=0)
+    docs = build_documents(data, 0, 1)
+    docs.reset()
+    doc = next(docs)
+    ids, n_prompt = Encoder(TOKENIZER)(doc)
+    assert ids[n_prompt] == THINK_ID and END_THINK_ID in ids[n_prompt:]
+    assert TOKENIZER.decode(ids[:n_prompt]).strip() == doc["prompt"].strip()
+
+    x, y = next(iter(loader(data)))
+    row, labels = x["input"][0], y[0]
+    assert row[:n_prompt].tolist() == ids[:n_prompt]
+    assert (labels[: n_prompt - 1] == IGNORE_INDEX).all()  # targets that are prompt tokens
+    assert labels[n_prompt - 1] == THINK_ID  # the response, from <think> on, is supervised
+    response_end = min(len(ids), SEQ_LEN) - 1
+    assert (labels[n_prompt - 1 : response_end] != IGNORE_INDEX).all()
+    # Wherever <think> is the target (in any document of the batch), it is supervised.
+    think_next = x["input"][:, 1:] == THINK_ID
+    assert think_next.any() and (y[:, :-1][think_next] == THINK_ID).all()
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def local_web(tmp_path: Path, **kw) -> HybridData:
+    return replace(
+        fixture_data(web=1.0, code=0.0, reasoning=0.0, shuffle_buffer=0, **kw),
+        web=TextSource(path=str(tmp_path), data_dir="", weight=1.0),
+    )
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    texts = ["first document", "", "   ", None, "second document"]
+    write_parquet(tmp_path / "a.parquet", pa.table({"text": pa.array(texts, pa.string())}))
+    data = local_web(tmp_path)
+    source = build_source("web", data.web, data, 0, 1)
+    source.reset()
+    assert [d["text"] for d in source] == ["first document", "second document"]
+    assert source.empty_rows == 3
+
+
+def test_corrupt_shard_error_names_the_file_or_is_skipped(tmp_path):
+    write_parquet(tmp_path / "good.parquet", pa.table({"text": [f"document {i}" for i in range(50)]}))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    with pytest.raises(DataSourceError, match="bad.parquet"):
+        next(iter(loader(local_web(tmp_path))))
+
+    data = local_web(tmp_path, skip_bad_shards=True)
+    source = build_source("web", data.web, data, 0, 1)
+    source.reset()
+    assert len(list(source)) == 50 and source.bad_shards == 1
+
+
+def test_missing_field_error_names_file_and_field(tmp_path):
+    write_parquet(tmp_path / "shard.parquet", pa.table({"content": ["x = 1\n"] * 4}))
+    with pytest.raises(DataSourceError, match=r"shard\.parquet.*missing field.*'text'"):
+        next(iter(loader(local_web(tmp_path))))
+
+
+def test_source_with_no_documents_fails(tmp_path):
+    write_parquet(tmp_path / "empty.parquet", pa.table({"text": pa.array(["", None], pa.string())}))
+    with pytest.raises(DataSourceError, match="no documents"):
+        next(iter(loader(local_web(tmp_path))))

@@ -1,0 +1,262 @@
+"""TorchTitan's CheckpointManager, made safe to resume from after faults.
+
+TorchTitan treats any ``step-N`` folder with a ``.metadata`` file as loadable.
+That is not enough: a shard can be truncated after the fact, a step folder can
+be rewritten in place, and the last save of a run is model-only by default.
+``ResilientCheckpointManager`` adds:
+
+- a completion marker (``COMPLETE_MARKER``), written by rank 0 once DCP has
+  finished (for async saves: when the save future resolves), listing every
+  file of the step with its size, whether the step is model-only, and the
+  model/tokenizer description that ``titan_hybrid.export`` needs;
+- at resume, the newest *complete, full* checkpoint is chosen (rank 0 decides,
+  all ranks follow); rejected ones are reported with the reason and left as
+  they are; an explicit ``checkpoint.load_step`` that is not valid is an error;
+- before saving into a ``step-N`` folder that already exists, the old folder
+  is moved to ``SUPERSEDED_DIR`` rather than overwritten in place;
+- no checkpoint is written from non-finite weights;
+- ``keep_latest_k`` counts complete checkpoints only;
+- ``RNGState``: every rank's Python / NumPy / torch RNG state, saved as one
+  replicated object so that it loads on any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+from torchtitan.components.checkpoint import MODEL, AsyncMode, CheckpointManager
+from torchtitan.tools.logging import logger
+
+COMPLETE_MARKER = ".complete.json"
+SUPERSEDED_DIR = "superseded"
+RNG = "rng"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The model holds NaN/Inf values; checkpointing it would poison every resume."""
+
+
+def checkpoint_problem(step_dir: str) -> str | None:
+    """Why ``step_dir`` cannot be loaded, or None when it is complete and intact."""
+    marker = os.path.join(step_dir, COMPLETE_MARKER)
+    if not os.path.isfile(os.path.join(step_dir, ".metadata")):
+        return "missing .metadata (the save did not finish)"
+    if not os.path.isfile(marker):
+        return f"no {COMPLETE_MARKER} (the save did not finish, or crashed before being confirmed)"
+    try:
+        with open(marker) as f:
+            expected = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {COMPLETE_MARKER}: {e}"
+    for name, size in sorted(expected.items()):
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            return f"file {name} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"file {name} has {actual} bytes, {size} were written (truncated or altered)"
+    return None
+
+
+def read_marker(step_dir: str) -> dict[str, Any]:
+    with open(os.path.join(step_dir, COMPLETE_MARKER)) as f:
+        return json.load(f)
+
+
+def step_dirs(folder: str) -> dict[int, str]:
+    """``{step: path}`` of the ``step-N`` folders directly under ``folder``."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for name in os.listdir(folder):
+        match = _STEP_DIR.match(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            found[int(match.group(1))] = os.path.join(folder, name)
+    return found
+
+
+def newest_resumable_step(folder: str) -> tuple[int, list[str]]:
+    """The newest step a run can resume from (-1: none), and why newer ones were passed over.
+
+    Model-only checkpoints (TorchTitan's default last save) are skipped unless
+    they are a step-0 seed, which TorchTitan loads model-only by design.
+    """
+    passed_over = []
+    for step, path in sorted(step_dirs(folder).items(), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None and step != 0 and read_marker(path).get("model_only", False):
+            problem = "model-only (last_save_model_only), it cannot restore optimizer and data state"
+        if problem is None:
+            return step, passed_over
+        passed_over.append(f"step-{step}: {problem}")
+    return -1, passed_over
+
+
+class RNGState(Stateful):
+    """All ranks' RNG states as one object, identical on every rank.
+
+    DCP saves replicated non-tensor entries once, so the checkpoint holds a
+    list indexed by rank, whatever the world size. A rank beyond the saved
+    world size takes the state of ``rank % saved_world_size`` (TorchTitan seeds
+    all non-pipeline ranks alike, so these states agree in practice).
+    """
+
+    def _local(self) -> dict[str, Any]:
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self._local()
+        if not dist.is_initialized():
+            return {"per_rank": pickle.dumps([local])}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return {"per_rank": pickle.dumps(gathered)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        per_rank = pickle.loads(state_dict["per_rank"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank >= len(per_rank):
+            logger.info(f"RNG state: saved with {len(per_rank)} ranks; rank {rank} takes rank {rank % len(per_rank)}'s")
+        state = per_rank[rank % len(per_rank)]
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+class ResilientCheckpointManager(CheckpointManager):
+    """CheckpointManager with completion markers, validated resume and a finite-weights guard.
+
+    ``run_info`` (model name/flavor/args, tokenizer path) is stored in each
+    completion marker so that a checkpoint describes itself to the exporter.
+    """
+
+    def __init__(self, *args, run_info: dict[str, Any], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_info = run_info
+
+    # -- saving ----------------------------------------------------------------
+
+    def save(self, curr_step: int, last_step: bool = False) -> None:
+        if not self._should_save(curr_step, last_step):
+            return super().save(curr_step, last_step)
+        self._check_finite_weights(curr_step)
+        self._set_aside_existing(curr_step)
+        super().save(curr_step, last_step)
+        if dist.get_rank() != 0:
+            return
+        model_only = last_step and self.last_save_model_only
+        pending = self.save_future
+        if last_step or self.async_mode == AsyncMode.DISABLED or not isinstance(pending, Future):
+            self._write_marker(curr_step, model_only)
+        else:
+
+            def confirm(done: Future) -> None:  # runs when the background save has finished
+                if done.exception() is None:
+                    self._write_marker(curr_step, model_only)
+
+            pending.add_done_callback(confirm)
+
+    def _check_finite_weights(self, step: int) -> None:
+        params = [p for m in self.states[MODEL].model for p in m.parameters()]
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        bad = torch.tensor(int(not all(bool(torch.isfinite(t).all()) for t in local)), device=local[0].device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise NonFiniteWeightsError(
+                f"step {step}: the model weights contain NaN/Inf; refusing to write a checkpoint. "
+                f"Resume from the last good one in {self.folder}."
+            )
+
+    def _set_aside_existing(self, step: int) -> None:
+        """Move an existing ``step-N`` aside, so a new save never mixes with old files."""
+        path = self._create_checkpoint_id(step)
+        if dist.get_rank() == 0 and os.path.exists(path):
+            target = os.path.join(self.folder, SUPERSEDED_DIR, f"step-{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(path, target)
+            logger.warning(f"{path} existed ({checkpoint_problem(target) or 'complete'}); moved it to {target}")
+        dist.barrier()
+
+    def _write_marker(self, step: int, model_only: bool) -> None:
+        path = self._create_checkpoint_id(step)
+        files = {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file() and e.name != COMPLETE_MARKER}
+        marker = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "model_only": model_only,
+            "files": files,
+            **self.run_info,
+        }
+        tmp = os.path.join(path, COMPLETE_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(marker, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, COMPLETE_MARKER))
+
+    def _purge_stale_checkpoints(self) -> None:
+        """Keep the newest ``keep_latest_k`` complete checkpoints and anything newer than them."""
+        if self.keep_latest_k <= 0 or dist.get_rank() != 0:
+            return
+        steps = step_dirs(self.folder)
+        complete = [s for s in sorted(steps) if checkpoint_problem(steps[s]) is None]
+        if len(complete) <= self.keep_latest_k:
+            return
+        oldest_kept = complete[-self.keep_latest_k]
+        for step in sorted(steps):
+            if step < oldest_kept:
+                self.purge_queue.put(steps[step])
+
+    # -- loading ---------------------------------------------------------------
+
+    def load(self, step: int = -1) -> bool:
+        if self.enable and step != -1 and os.path.isdir(self.folder):
+            problem = self._decide(lambda: checkpoint_problem(self._create_checkpoint_id(step)))
+            if problem is not None:
+                raise ValueError(
+                    f"checkpoint.load_step={step}: {self._create_checkpoint_id(step)} cannot be loaded: {problem}"
+                )
+        return super().load(step)
+
+    def _find_load_step(self, folder: str = "") -> int:
+        if folder and folder != self.folder:
+            return super()._find_load_step(folder)
+        return self._decide(self._choose_resume_step)
+
+    def _choose_resume_step(self) -> int:
+        step, passed_over = newest_resumable_step(self.folder)
+        for reason in passed_over:
+            logger.warning(f"Checkpoint {reason}; not resuming from it.")
+        if passed_over:
+            where = f"step-{step}" if step >= 0 else "scratch (no usable checkpoint)"
+            logger.warning(f"Falling back to {where}. Nothing in {self.folder} was changed.")
+        return step
+
+    @staticmethod
+    def _decide(fn):
+        """Evaluate ``fn`` on rank 0 and give every rank its result (one view of the filesystem)."""
+        box = [fn() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]

@@ -1,0 +1,135 @@
+"""TorchTitan's Trainer with fault-tolerant checkpoints and a non-finite-loss guard.
+
+What it adds (configured under ``[resilience]``, see docs/checkpointing.md):
+
+- ``ResilientCheckpointManager`` (completion markers, validated resume) and the
+  RNG state in every checkpoint;
+- after the backward of the last microbatch, the global loss is checked on all
+  ranks alike; a non-finite loss is logged with its step and batch (the batch is
+  saved under ``<dump_folder>/nonfinite/``) and then either stops the run or
+  skips the update (gradients dropped, so the optimizer leaves weights and
+  state untouched; the step, the data and the LR schedule still advance);
+- optionally a per-rank JSONL record of the exact loss and batch fingerprints of
+  every step, which the resume tests compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.checkpoint import TRAIN_STATE
+from torchtitan.config import JobConfig
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+from torchtitan.train import Trainer
+
+from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/Inf and ``resilience.on_nonfinite_loss = "stop"``."""
+
+
+def row_fingerprints(tokens: torch.Tensor) -> list[str]:
+    """A short hash per sequence, to tell which samples a step consumed."""
+    return [hashlib.blake2b(row.numpy().tobytes(), digest_size=8).hexdigest() for row in tokens.cpu()]
+
+
+class HybridTrainer(Trainer):
+    def __init__(self, job_config: JobConfig):
+        super().__init__(job_config)
+        self.resilience = job_config.resilience
+        self._step_batches: list[Batch] = []
+        self._step_losses: list[torch.Tensor] = []
+        self.checkpointer.close()  # replaced below; its purge thread must not linger
+        self.checkpointer = ResilientCheckpointManager(
+            dataloader=self.dataloader,
+            model_parts=self.model_parts,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            states={TRAIN_STATE: self, RNG: RNGState()},
+            checkpoint_config=job_config.checkpoint,
+            sd_adapter=(
+                self.train_spec.state_dict_adapter(self.model_args, job_config.model.hf_assets_path)
+                if self.train_spec.state_dict_adapter
+                else None
+            ),
+            base_folder=job_config.job.dump_folder,
+            run_info={
+                "model": {
+                    "name": job_config.model.name,
+                    "flavor": job_config.model.flavor,
+                    "args": dataclasses.asdict(self.model_args),
+                },
+                "hf_assets_path": os.path.abspath(job_config.model.hf_assets_path),
+            },
+        )
+        self._record_path = None
+        if self.resilience.step_record:
+            folder = os.path.join(job_config.job.dump_folder, "step_record")
+            os.makedirs(folder, exist_ok=True)
+            self._record_path = os.path.join(folder, f"rank_{dist.get_rank()}.jsonl")
+        if self.resilience.inject_nonfinite_loss_at and dist.get_rank() == 0:
+            self.model_parts[0].register_forward_hook(self._inject_nonfinite)
+
+    def _inject_nonfinite(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        """Debug fault: NaN logits on rank 0 at the configured steps (tests the guard)."""
+        if self.step in self.resilience.inject_nonfinite_loss_at:
+            return output * float("nan")
+        return None
+
+    def batch_generator(self, data_iterable: Iterable[Batch]) -> Iterator[Batch]:
+        for batch in super().batch_generator(data_iterable):
+            self._step_batches.append(batch)
+            yield batch
+
+    def train_step(self, data_iterator: Iterator[Batch]) -> None:
+        self._step_batches, self._step_losses = [], []
+        super().train_step(data_iterator)
+
+    def forward_backward_step(self, **kwargs) -> torch.Tensor:
+        loss = super().forward_backward_step(**kwargs)
+        self._step_losses.append(loss.detach())
+        if len(self._step_losses) == self.gradient_accumulation_steps:
+            self._check_step_loss()
+        return loss
+
+    def _check_step_loss(self) -> None:
+        """Runs after the last backward of a step, before clipping and the optimizer step."""
+        local = torch.stack(self._step_losses).sum()
+        loss_mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
+        global_loss = dist_utils.dist_sum(local, loss_mesh)
+        finite = bool(torch.isfinite(torch.tensor(global_loss)))
+        rows = [row_fingerprints(input_dict["input"]) for input_dict, _ in self._step_batches]
+        if self._record_path:
+            with open(self._record_path, "a") as f:
+                record = {"step": self.step, "loss": global_loss, "skipped": not finite, "rows": rows}
+                f.write(json.dumps(record) + "\n")
+        if finite:
+            return
+        batch_file = self._save_batch()
+        message = (
+            f"step {self.step}: non-finite loss {global_loss} (this rank's share: {local.item()}); "
+            f"rank {dist.get_rank()} batch rows {rows}, saved to {batch_file}"
+        )
+        if self.resilience.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(message + "; stopping (resilience.on_nonfinite_loss = 'stop')")
+        logger.warning(message + "; skipping the update (resilience.on_nonfinite_loss = 'skip')")
+        for model in self.model_parts:
+            for p in model.parameters():
+                p.grad = None
+
+    def _save_batch(self) -> str:
+        folder = os.path.join(self.job_config.job.dump_folder, "nonfinite")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step_{self.step}_rank_{dist.get_rank()}.pt")
+        torch.save(self._step_batches, path)
+        return path

@@ -4,6 +4,7 @@
 # Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks),
 # NNODES (default 1), NODE_RANK (0), RDZV_ENDPOINT (host:port, multi-node only),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
+# TRITON_CACHE_DIR (GPU: where tuned Triton kernels persist; default ./.cache/triton),
 # RESUME_STEP (resume from this step-N checkpoint; by default, with [checkpoint] enable, the run
 # resumes from the newest complete checkpoint in its folder, see docs/checkpointing.md).
 set -euo pipefail
@@ -23,6 +24,9 @@ PYTHON=${PYTHON:-python3}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "$GPUS" -gt 0 ]]; then
     NGPU=${NGPU:-$GPUS}
+    # fla autotunes its Triton kernels on first use (minutes); Triton keeps the tuned configs in
+    # its cache, so a cache that outlives the run makes every later start take seconds.
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 else
     NGPU=${NGPU:-2}  # CPU: gloo ranks
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

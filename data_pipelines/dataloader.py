@@ -1,9 +1,14 @@
 """The ``[hybrid_data]`` loader: seeded mixing, shuffling, tokenizing and packing on torchdata.nodes.
 
-Per dp rank: shard sources -> weighted mix -> shuffle buffer -> tokenizer workers
-(in order) -> packer -> batches. Everything before the tokenizer workers runs in one
-thread, so a rank's stream depends only on the seed and ``(dp_rank, dp_world_size)``,
-never on ``num_workers``; every node is stateful, so a checkpoint resumes it exactly.
+The data is split into ``[hybrid_data] streams`` independent streams, fixed for a run
+and decoupled from the number of dp ranks: shard sources -> weighted mix -> shuffle
+buffer -> tokenizer workers (in order) -> packer, per stream. A dp rank reads the
+streams ``rank, rank + W, ...`` and fills each batch round-robin from them. So the
+rows of a global step are the same whatever the dp world size ``W``, a stream
+depends only on the seed and its index (never on ``num_workers``), and a checkpoint
+stores each stream's position under its own key: a run saved on one world size
+resumes on another (any ``W`` that divides ``streams``) without repeating or
+skipping a sample. The same idea as MosaicML Streaming's "canonical nodes".
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import torch
 from tokenizers import Tokenizer
 from torchdata.nodes import (
     BaseNode,
-    Batcher,
     Loader,
     Mapper,
     MultiNodeWeightedSampler,
@@ -24,21 +28,44 @@ from torchdata.nodes import (
     Prefetcher,
     StopCriteria,
 )
+from torchdata.nodes.loader import LoaderIterator
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import JobConfig
 
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
 
-from .packing import Encoder, Packer, check_special_tokens, collate
+from .packing import Encoder, Packer, Row, check_special_tokens, collate
 from .shuffle import ShuffleBuffer
 from .sources import Doc, ShardSource, list_shards, reasoning_doc, text_doc
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+STREAM_KEY = "stream_{}"
+NUM_STREAMS_KEY = "num_streams"
+
+
+class DataConfigError(ValueError):
+    """The ``[hybrid_data]`` settings cannot work with the run's parallelism; the message names the keys."""
+
+
+def streams_of_rank(num_streams: int, dp_rank: int, dp_world_size: int, local_batch_size: int) -> list[int]:
+    """The streams dp rank ``dp_rank`` reads; checks that every stream feeds each batch equally."""
+    if num_streams % dp_world_size:
+        raise DataConfigError(
+            f"[hybrid_data] streams = {num_streams} is not divisible by the {dp_world_size} data-parallel ranks; "
+            "choose a multiple of every dp world size the run may use (keep it fixed for the whole run)"
+        )
+    per_rank = num_streams // dp_world_size
+    if local_batch_size % per_rank:
+        raise DataConfigError(
+            f"[hybrid_data] streams = {num_streams} gives each of the {dp_world_size} dp ranks {per_rank} streams, "
+            f"which must divide training.local_batch_size = {local_batch_size}"
+        )
+    return list(range(dp_rank, num_streams, dp_world_size))
 
 
 def build_source(
-    name: str, cfg: TextSource | ReasoningSource, data: HybridData, dp_rank: int, dp_world_size: int
+    name: str, cfg: TextSource | ReasoningSource, data: HybridData, stream: int, num_streams: int
 ) -> ShardSource:
     if isinstance(cfg, ReasoningSource):
         columns = [cfg.prompt_field, cfg.reasoning_field, cfg.answer_field]
@@ -52,31 +79,77 @@ def build_source(
         columns,
         to_doc,
         seed=data.seed,
-        rank=dp_rank,
-        world_size=dp_world_size,
+        rank=stream,
+        world_size=num_streams,
         skip_bad_shards=data.skip_bad_shards,
     )
 
 
-def build_documents(data: HybridData, dp_rank: int, dp_world_size: int) -> BaseNode[Doc]:
-    """The rank's shuffled document stream, before tokenization."""
+def build_documents(data: HybridData, stream: int, num_streams: int) -> BaseNode[Doc]:
+    """One stream's shuffled documents, before tokenization."""
     sources = {"web": data.web, "code": data.code, "reasoning": data.reasoning}
     weights = {name: float(cfg.weight) for name, cfg in sources.items() if cfg.weight > 0}
     if not weights:
         raise ValueError("[hybrid_data]: every source has weight 0")
-    nodes = {name: build_source(name, sources[name], data, dp_rank, dp_world_size) for name in weights}
+    nodes = {name: build_source(name, sources[name], data, stream, num_streams) for name in weights}
     # rank/world_size only vary the mixing seed; the sources above do the sharding.
     docs: BaseNode[Doc] = MultiNodeWeightedSampler(
         nodes,
         weights,
         stop_criteria=StopCriteria.CYCLE_FOREVER,
-        rank=dp_rank,
-        world_size=dp_world_size,
+        rank=stream,
+        world_size=num_streams,
         seed=data.seed,
     )
     if data.shuffle_buffer > 1:
-        docs = ShuffleBuffer(docs, data.shuffle_buffer, seed=data.seed)
+        docs = ShuffleBuffer(docs, data.shuffle_buffer, seed=f"{data.seed}/{stream}")
     return docs
+
+
+def build_stream(
+    data: HybridData, tokenizer: Tokenizer, eos_id: int, seq_len: int, stream: int, num_streams: int
+) -> BaseNode[Row]:
+    """One stream's packed rows; tokenizing and packing run ahead in background threads."""
+    docs = build_documents(data, stream, num_streams)
+    encoder = Encoder(tokenizer)
+    if data.num_workers > 0:
+        if data.worker_method not in ("thread", "process"):
+            raise DataConfigError(
+                f"[hybrid_data] worker_method must be 'thread' or 'process', got {data.worker_method!r}"
+            )
+        encoded = ParallelMapper(docs, encoder, data.num_workers, in_order=True, method=data.worker_method)
+    else:
+        encoded = Mapper(docs, encoder)
+    return Prefetcher(Packer(encoded, seq_len, eos_id), prefetch_factor=2)
+
+
+class StreamBatcher(BaseNode[Batch]):
+    """Batches of ``batch_size`` rows taken round-robin from a rank's streams.
+
+    Each batch starts again at the rank's first stream, and the number of streams
+    divides the batch size, so every batch (and every step) holds the same number
+    of rows from each stream: the state is just each stream's own position.
+    """
+
+    STREAMS = "streams"
+
+    def __init__(self, streams: dict[int, BaseNode[Row]], batch_size: int):
+        super().__init__()
+        if batch_size % len(streams):
+            raise DataConfigError(f"{len(streams)} streams do not divide the batch size {batch_size}")
+        self.streams, self.batch_size = streams, batch_size
+        self._order = [streams[i] for i in sorted(streams)] * (batch_size // len(streams))
+
+    def reset(self, initial_state: dict[str, Any] | None = None):
+        super().reset(initial_state)
+        for stream_id, node in self.streams.items():
+            node.reset(initial_state[self.STREAMS][stream_id] if initial_state is not None else None)
+
+    def next(self) -> Batch:
+        return collate([next(node) for node in self._order])
+
+    def get_state(self) -> dict[str, Any]:
+        return {self.STREAMS: {stream_id: node.state_dict() for stream_id, node in self.streams.items()}}
 
 
 def build_batches(
@@ -87,53 +160,54 @@ def build_batches(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
-) -> BaseNode[Batch]:
+) -> StreamBatcher:
     if data.reasoning.weight > 0:
         check_special_tokens(tokenizer)
-    docs = build_documents(data, dp_rank, dp_world_size)
-    encoder = Encoder(tokenizer)
-    if data.num_workers > 0:
-        if data.worker_method not in ("thread", "process"):
-            raise ValueError(f"[hybrid_data] worker_method must be 'thread' or 'process', got {data.worker_method!r}")
-        encoded = ParallelMapper(docs, encoder, data.num_workers, in_order=True, method=data.worker_method)
-    else:
-        encoded = Mapper(docs, encoder)
-    rows = Packer(encoded, seq_len, eos_id)
-    batches = Mapper(Batcher(rows, batch_size, drop_last=True), collate)
-    return Prefetcher(batches, prefetch_factor=2)
+    stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, batch_size)
+    streams = {i: build_stream(data, tokenizer, eos_id, seq_len, i, data.streams) for i in stream_ids}
+    return StreamBatcher(streams, batch_size)
 
 
 class HybridDataLoader(BaseDataLoader):
-    """Iterates ``({"input", "positions"}, labels)`` batches; state keyed by dp rank like TorchTitan's."""
+    """Iterates ``({"input", "positions"}, labels)`` batches; its state is one entry per stream.
 
-    def __init__(self, root: BaseNode[Batch], dp_rank: int, dp_world_size: int):
+    Each stream's position is one opaque blob (rather than DCP flattening the nested
+    node state into many entries), keyed by stream so that any dp world size can load it.
+    """
+
+    def __init__(self, root: StreamBatcher, num_streams: int):
         self._root = root
         self._loader = Loader(root)
-        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
-        self._rank_key = f"dp_rank_{dp_rank}"
+        self.num_streams = num_streams
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)
 
     def state_dict(self) -> dict[str, Any]:
-        # One opaque blob per rank, as TorchTitan's loader stores it, rather than DCP flattening
-        # the nested node state (generator tensors, token buffers) into many entries.
-        return {self._rank_key: pickle.dumps(self._loader.state_dict()), "world_size": self.dp_world_size}
+        streams = self._loader.state_dict()[LoaderIterator.ROOT_KEY][StreamBatcher.STREAMS]
+        state: dict[str, Any] = {STREAM_KEY.format(i): pickle.dumps(s) for i, s in streams.items()}
+        state[NUM_STREAMS_KEY] = self.num_streams
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self._rank_key not in state_dict:
-            raise KeyError(f"dataloader state has no entry for {self._rank_key}")
-        if state_dict["world_size"] != self.dp_world_size:
-            raise ValueError(
-                f"dataloader state was saved with {state_dict['world_size']} dp ranks, "
-                f"resuming with {self.dp_world_size}: resharding the stream is not supported"
+        saved = state_dict.get(NUM_STREAMS_KEY)
+        if saved != self.num_streams:
+            raise DataConfigError(
+                f"the dataloader state holds {saved} data streams but [hybrid_data] streams = {self.num_streams}; "
+                f"resume with --hybrid_data.streams {saved}"
             )
+        missing = [i for i in self._root.streams if STREAM_KEY.format(i) not in state_dict]
+        if missing:
+            raise KeyError(f"dataloader state has no entry for stream(s) {missing}")
+        streams = {i: pickle.loads(state_dict[STREAM_KEY.format(i)]) for i in self._root.streams}
         # A fresh Loader: DCP calls state_dict() first (as a template), and a torchdata Loader
         # hands the iterator made for that to the next iter() without applying loaded state.
         self._loader = Loader(self._root)
-        self._loader.load_state_dict(pickle.loads(state_dict[self._rank_key]))
+        self._loader.load_state_dict(
+            {LoaderIterator.ROOT_KEY: {StreamBatcher.STREAMS: streams}, LoaderIterator.NUM_YIELDED_KEY: 0}
+        )
 
 
 def build_hybrid_dataloader(
@@ -154,4 +228,4 @@ def build_hybrid_dataloader(
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
     )
-    return HybridDataLoader(root, dp_rank, dp_world_size)
+    return HybridDataLoader(root, job_config.hybrid_data.streams)

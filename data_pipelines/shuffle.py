@@ -23,7 +23,7 @@ class ShuffleBuffer(BaseNode[T]):
 
     SOURCE, BLOCK, POS = "source_at_block_start", "block", "pos"
 
-    def __init__(self, source: BaseNode[T], size: int, seed: int):
+    def __init__(self, source: BaseNode[T], size: int, seed: int | str):
         super().__init__()
         if size < 2:
             raise ValueError(f"shuffle buffer size must be >= 2, got {size}")

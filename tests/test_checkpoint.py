@@ -53,22 +53,30 @@ def test_resume_on_one_rank_continues_loss_and_data(reference, tmp_path):
     shutil.copytree(reference / "checkpoint" / "step-10", dump / "checkpoint" / "step-10")
     want = records(reference)
 
-    proc = train(dump, *REFERENCE_ARGS, ranks=1, check=False)
+    log = train(dump, *REFERENCE_ARGS, ranks=1).stdout
 
-    if "resharding the stream is not supported" in proc.stdout:
-        # Known gap (data loader, issue 3): model, optimizer, LR and step must still reshard.
-        train(dump, *REFERENCE_ARGS, "--training.steps", "11", "--checkpoint.exclude_from_loading", "dataloader",
-              ranks=1)  # fmt: skip
-        got = records(dump)
-        assert min(got) == 11, "did not resume at step 11"
-        assert abs(got[11]["loss"] - want[11]["loss"]) < 0.5 < want[1]["loss"] - got[11]["loss"]
-        pytest.xfail("the data loader cannot reshard its stream state (2 -> 1 dp ranks); issue 3")
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert f"Loading the checkpoint from {dump}/checkpoint/step-10." in proc.stdout
+    assert f"Loading the checkpoint from {dump}/checkpoint/step-10." in log
     got = records(dump)
+    assert sorted(got) == list(range(11, STEPS + 1))
     for step in range(11, STEPS + 1):
         assert got[step]["rows"] == want[step]["rows"], f"step {step}: samples repeated or skipped"
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), f"step {step}"
+    # Step 11 runs the saved weights on the same rows: the same loss. Later steps differ only by
+    # the order of the gradient sums (one rank instead of a 2-rank reduce-scatter), which Adam
+    # amplifies to ~1e-4..7e-4 relative by step 20; a wrong batch moves the loss by ~1e-2..1e-1.
+    assert got[11]["loss"] == pytest.approx(want[11]["loss"], rel=1e-6)
+    for step in range(12, STEPS + 1):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-3), f"step {step}"
+
+
+def test_resume_with_other_data_streams_says_how(reference, tmp_path):
+    dump = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint" / "step-10", dump / "checkpoint" / "step-10")
+
+    proc = train(dump, *REFERENCE_ARGS, "--hybrid_data.streams", "4", "--training.local_batch_size", "4",
+                 "--training.global_batch_size", "8", check=False)  # fmt: skip
+
+    assert proc.returncode != 0
+    assert "its [hybrid_data] streams differ" in proc.stdout and "--hybrid_data.streams" in proc.stdout
 
 
 def test_truncated_latest_checkpoint_falls_back_and_keeps_everything(reference, tmp_path):

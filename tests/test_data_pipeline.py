@@ -2,6 +2,7 @@
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,12 +33,12 @@ def fixture_data(web=0.5, code=0.25, reasoning=0.25, **kw) -> HybridData:
         web=TextSource(path=str(FIXTURES / "fineweb-edu"), data_dir="sample/10BT", weight=web),
         code=TextSource(path=str(FIXTURES / "starcoderdata"), data_dir="python", weight=code, text_field="content"),
         reasoning=ReasoningSource(path=str(FIXTURES / "openr1"), data_dir="data", weight=reasoning),
-        **{"seed": 1234, "shuffle_buffer": 16, "num_workers": 0, **kw},
+        **{"seed": 1234, "streams": 2, "shuffle_buffer": 16, "num_workers": 0, **kw},
     )
 
 
-def loader(data: HybridData, rank: int = 0, world: int = 1) -> HybridDataLoader:
-    return HybridDataLoader(build_batches(data, TOKENIZER, EOS, SEQ_LEN, BATCH, rank, world), rank, world)
+def loader(data: HybridData, rank: int = 0, world: int = 1, batch: int = BATCH) -> HybridDataLoader:
+    return HybridDataLoader(build_batches(data, TOKENIZER, EOS, SEQ_LEN, batch, rank, world), data.streams)
 
 
 def take(it, n: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -80,7 +81,7 @@ def test_same_seed_same_stream_other_seed_other_order():
 def test_realised_mixture_matches_weights():
     """~10k documents, before tokenization (the mixture is decided there)."""
     weights = {"web": 0.5, "code": 0.25, "reasoning": 0.25}
-    docs = build_documents(fixture_data(**weights, shuffle_buffer=256), dp_rank=0, dp_world_size=1)
+    docs = build_documents(fixture_data(**weights, shuffle_buffer=256), stream=0, num_streams=1)
     docs.reset()
     counts = Counter(next(docs)["source"] for _ in range(10_000))
     for name, w in weights.items():
@@ -88,7 +89,7 @@ def test_realised_mixture_matches_weights():
 
 
 @pytest.mark.parametrize("name,world", [("web", 2), ("reasoning", 2), ("code", 3)])
-def test_ranks_read_disjoint_shares_covering_the_source(name, world):
+def test_streams_read_disjoint_shares_covering_the_source(name, world):
     """web has 2 shards (split by shard), reasoning and code 1 (split by row)."""
     data = fixture_data()
     shares = []
@@ -137,8 +138,48 @@ def test_state_dict_resumes_with_the_next_batch(num_workers):
     resumed.load_state_dict(state)
     assert_same(take(iter(resumed), 5), expected)
 
-    with pytest.raises(ValueError, match="dp ranks"):
-        loader(data, 0, 4).load_state_dict({**state, "world_size": 2, "dp_rank_0": state["dp_rank_1"]})
+
+
+def rows_per_step(its: list[Iterator], steps: int, microbatches: int = 1) -> list[list[list[int]]]:
+    """Per step, the sorted rows (as token lists) of every rank's microbatches."""
+    out = []
+    for _ in range(steps):
+        rows = [row.tolist() for it in its for _ in range(microbatches) for row in next(it)[0]["input"]]
+        out.append(sorted(rows))
+    return out
+
+
+def test_a_step_holds_the_same_rows_on_any_number_of_ranks():
+    """2 ranks x batch 2, or 1 rank x 2 microbatches of 2: the same global batches."""
+    data = fixture_data(streams=2)
+    two_ranks = rows_per_step([iter(loader(data, 0, 2)), iter(loader(data, 1, 2))], steps=4)
+    one_rank = rows_per_step([iter(loader(data, 0, 1))], steps=4, microbatches=2)
+    assert one_rank == two_ranks
+
+
+def test_state_saved_on_two_ranks_resumes_on_one():
+    data = fixture_data(streams=2, shuffle_buffer=4)
+    ranks = [loader(data, 0, 2), loader(data, 1, 2)]
+    its = [iter(dl) for dl in ranks]
+    for it in its:
+        take(it, 3)
+    saved = {**ranks[0].state_dict(), **ranks[1].state_dict()}  # DCP's view: the union of both ranks' keys
+    expected = rows_per_step(its, steps=3)
+
+    single = loader(data, 0, 1)
+    assert set(single.state_dict()) == set(saved)  # the template asks for both streams
+    single.load_state_dict(saved)
+    assert rows_per_step([iter(single)], steps=3, microbatches=2) == expected
+
+
+def test_stream_settings_that_cannot_work_are_named():
+    with pytest.raises(ValueError, match=r"streams = 2 is not divisible by the 4 data-parallel ranks"):
+        loader(fixture_data(streams=2), 0, 4)
+    with pytest.raises(ValueError, match=r"gives each of the 1 dp ranks 4 streams, .*local_batch_size = 2"):
+        loader(fixture_data(streams=4), 0, 1)
+    state = loader(fixture_data(streams=2), 0, 1).state_dict()
+    with pytest.raises(ValueError, match="holds 2 data streams but .* streams = 4; resume with --hybrid_data.streams 2"):
+        loader(fixture_data(streams=4), 0, 2).load_state_dict(state)
 
 
 def test_reasoning_prompt_is_ignored_and_think_tags_are_single_tokens():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchtitan.components.loss import cross_entropy_loss
+from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.config import ConfigManager
 
@@ -35,8 +35,8 @@ def global_batches(step: int, ranks: int = 2) -> list[tuple[dict, torch.Tensor]]
 
 
 def global_loss(model: torch.nn.Module, batches: list[tuple[dict, torch.Tensor]]) -> float:
-    """The trainer's loss: every rank's token-summed CE over the global token count, summed."""
-    n_tokens = sum(labels.numel() for _, labels in batches)
+    """The trainer's loss: every rank's token-summed CE over the global count of supervised tokens, summed."""
+    n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
     with torch.no_grad():
         shares = [cross_entropy_loss(model(**inputs_of(x)), y) / n_tokens for x, y in batches]
     return torch.stack(shares).sum().item()

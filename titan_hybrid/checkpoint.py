@@ -16,6 +16,8 @@ be rewritten in place, and the last save of a run is model-only by default.
   is moved to ``SUPERSEDED_DIR`` rather than overwritten in place;
 - no checkpoint is written from non-finite weights;
 - ``keep_latest_k`` counts complete checkpoints only;
+- a data-loader state that this run cannot take (other ``[hybrid_data] streams``)
+  is reported with the way out, before DCP fails on a missing key;
 - ``RNGState``: every rank's Python / NumPy / torch RNG state, saved as one
   replicated object so that it loads on any world size.
 """
@@ -34,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
-from torchtitan.components.checkpoint import MODEL, AsyncMode, CheckpointManager
+from torchtitan.components.checkpoint import DATALOADER, MODEL, AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
 COMPLETE_MARKER = ".complete.json"
@@ -253,6 +256,27 @@ class ResilientCheckpointManager(CheckpointManager):
             where = f"step-{step}" if step >= 0 else "scratch (no usable checkpoint)"
             logger.warning(f"Falling back to {where}. Nothing in {self.folder} was changed.")
         return step
+
+    def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
+        if DATALOADER in state_dict and not from_hf:
+            self._check_dataloader_keys(state_dict[DATALOADER], checkpoint_id)
+        super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+    @staticmethod
+    def _check_dataloader_keys(dataloader: Stateful, checkpoint_id: str) -> None:
+        saved = {
+            key.removeprefix(f"{DATALOADER}.")
+            for key in FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+            if key.startswith(f"{DATALOADER}.")
+        }
+        missing = sorted(set(dataloader.state_dict()) - saved)
+        if missing:
+            raise ValueError(
+                f"{checkpoint_id}: the data loader of this run needs {missing}, but the checkpoint holds "
+                f"{sorted(saved)}: its [hybrid_data] streams differ. Resume with the settings it was saved with "
+                "(e.g. --hybrid_data.streams), or restart the data stream with "
+                "--checkpoint.exclude_from_loading dataloader"
+            )
 
     @staticmethod
     def _decide(fn):

@@ -94,9 +94,13 @@ class HybridData:
         default_factory=lambda: ReasoningSource(path="open-r1/OpenR1-Math-220k", data_dir="data")
     )
     seed: int = 3407
-    """Seeds the mixing, the shard order (per epoch) and the shuffle buffer."""
+    """Seeds the mixing, the shard order (per epoch) and the shuffle buffers."""
+    streams: int = 8
+    """Independent data streams, fixed for the whole run; each dp rank reads ``streams / dp_degree``
+    of them round-robin, which must divide ``training.local_batch_size``. A checkpoint resumes on
+    any dp degree that divides it, with exactly the samples the run would have seen."""
     shuffle_buffer: int = 10000
-    """Documents held by the shuffle buffer; 0 or 1 disables sample shuffling."""
+    """Documents held by each stream's shuffle buffer; 0 or 1 disables sample shuffling."""
     num_workers: int = 2
     """Tokenizer workers per rank (0: inline); the stream does not depend on it."""
     worker_method: str = "thread"

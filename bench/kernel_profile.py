@@ -1,10 +1,11 @@
-"""GPU time per kernel family from a TorchTitan profiler trace (``[profiling] enable_profiling``).
+"""Where a training step's GPU time goes, from a TorchTitan profiler trace.
 
     python -m bench.kernel_profile DUMP/profile_traces/iteration_N/rank0_trace.json [--top 25]
 
-Sums the device time of every CUDA kernel in the trace (one profiled step, all its
-micro-batches) by kernel name, and prints the share of each: where a step's time goes,
-to decide which speed work can pay off.
+Prints (1) how busy the GPU was between the step's first and last kernel, (2) the
+device time per kernel name, and (3) the longest idle gaps with the kernels around
+them: a GPU that waits on the host (launch overhead, the data loader, a sync) shows
+up as gaps, not as slow kernels. Run it on a step that is not the first profiled one.
 """
 
 from __future__ import annotations
@@ -12,19 +13,49 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 
 
-def kernel_times(trace_path: str) -> dict[str, tuple[float, int]]:
-    """``{kernel name: (total microseconds, calls)}``."""
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    start_us: float
+    dur_us: float
+
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.dur_us
+
+
+def read_kernels(trace_path: str) -> list[Kernel]:
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in events:
-        if event.get("cat") == "kernel" and event.get("ph") == "X":
-            entry = totals[event["name"]]
-            entry[0] += event["dur"]
-            entry[1] += 1
-    return {name: (us, int(calls)) for name, (us, calls) in totals.items()}
+    kernels = [
+        Kernel(e["name"], float(e["ts"]), float(e["dur"]))
+        for e in events
+        if e.get("cat") == "kernel" and e.get("ph") == "X"
+    ]
+    return sorted(kernels, key=lambda k: k.start_us)
+
+
+def busy_time_us(kernels: list[Kernel]) -> float:
+    """Union of the kernels' intervals (overlapping streams count once)."""
+    busy, end = 0.0, float("-inf")
+    for k in kernels:
+        if k.end_us > end:
+            busy += k.end_us - max(k.start_us, end)
+            end = k.end_us
+    return busy
+
+
+def gaps(kernels: list[Kernel], top: int) -> list[tuple[float, Kernel, Kernel]]:
+    found, end, last = [], kernels[0].end_us, kernels[0]
+    for k in kernels[1:]:
+        if k.start_us > end:
+            found.append((k.start_us - end, last, k))
+        if k.end_us > end:
+            end, last = k.end_us, k
+    return sorted(found, key=lambda g: -g[0])[:top]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,12 +63,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("trace")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    times = kernel_times(args.trace)
-    total = sum(us for us, _ in times.values())
-    print(f"{total / 1e3:,.1f} ms of kernel time in {sum(c for _, c in times.values()):,} launches")
-    print(f"{'ms':>9} {'share':>6} {'calls':>6}  kernel")
-    for name, (us, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:
-        print(f"{us / 1e3:9.1f} {100 * us / total:5.1f}% {calls:6d}  {name[:110]}")
+    kernels = read_kernels(args.trace)
+    span = kernels[-1].end_us - kernels[0].start_us
+    busy = busy_time_us(kernels)
+    print(f"{len(kernels):,} kernels; span {span / 1e3:,.1f} ms, GPU busy {busy / 1e3:,.1f} ms ({100 * busy / span:.1f}%)")
+
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        totals[k.name][0] += k.dur_us
+        totals[k.name][1] += 1
+    kernel_total = sum(us for us, _ in totals.values())
+    print(f"\n{'ms':>9} {'share':>6} {'calls':>6}  kernel")
+    for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{us / 1e3:9.1f} {100 * us / kernel_total:5.1f}% {int(calls):6d}  {name[:110]}")
+
+    idle = span - busy
+    print(f"\nidle {idle / 1e3:,.1f} ms; longest gaps:")
+    for gap, before, after in gaps(kernels, args.top):
+        print(f"{gap / 1e3:9.2f} ms  after {before.name[:50]}  before {after.name[:50]}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def run(config: str, steps: int, overrides: list[str], log_path: Path) -> tuple[
     cmd = [str(ROOT / "run_train.sh"), config, "--training.steps", str(steps), "--metrics.log_freq", "1",
            "--checkpoint.no-enable", "--metrics.disable_color_printing", *overrides]  # fmt: skip
     start, first_step_at, metrics = time.monotonic(), None, []
-    with open(log_path, "w") as log, subprocess.Popen(
+    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
         for line in proc.stdout:
@@ -71,8 +71,8 @@ def run(config: str, steps: int, overrides: list[str], log_path: Path) -> tuple[
     return metrics, warmup, proc.returncode
 
 
-def summarise(metrics: list[dict], skip: int) -> dict[str, float]:
-    timed = [m for m in metrics if m["step"] > skip]
+def summarise(metrics: list[dict], skip: int, exclude: set[int]) -> dict[str, float]:
+    timed = [m for m in metrics if m["step"] > skip and m["step"] not in exclude]
     if not timed:
         raise SystemExit(f"no metric lines after step {skip}; see the log")
     return {
@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip", type=int, default=3, help="steps left out of the means (warm-up)")
+    parser.add_argument("--exclude", type=int, nargs="*", default=[], help="more steps left out (e.g. profiled)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line here")
     parser.add_argument("--log", type=Path, default=None, help="training log (default: next to --out)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after '--': run_train.sh overrides")
-    args = parser.parse_args(argv)
-    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]  # after '--': run_train.sh overrides
 
     label = args.label or Path(args.config).stem
     log_path = args.log or (args.out.parent if args.out else Path(".")) / f"{label}.log"
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "skip": args.skip,
         "warmup_s": round(warmup, 1),
-        **{k: round(v, 3) for k, v in summarise(metrics, args.skip).items()},
+        "excluded_steps": args.exclude,
+        **{k: round(v, 3) for k, v in summarise(metrics, args.skip, set(args.exclude)).items()},
         **environment(),
         "ngpu": int(os.environ.get("NGPU", "0")) or None,
     }

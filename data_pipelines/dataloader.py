@@ -109,7 +109,7 @@ def build_documents(data: HybridData, stream: int, num_streams: int) -> BaseNode
 def build_stream(
     data: HybridData, tokenizer: Tokenizer, eos_id: int, seq_len: int, stream: int, num_streams: int
 ) -> BaseNode[Row]:
-    """One stream's packed rows; tokenizing and packing run ahead in background threads."""
+    """One stream's packed rows (tokenized in ``num_workers`` threads, or inline when 0)."""
     docs = build_documents(data, stream, num_streams)
     encoder = Encoder(tokenizer)
     if data.num_workers > 0:
@@ -120,7 +120,7 @@ def build_stream(
         encoded = ParallelMapper(docs, encoder, data.num_workers, in_order=True, method=data.worker_method)
     else:
         encoded = Mapper(docs, encoder)
-    return Prefetcher(Packer(encoded, seq_len, eos_id), prefetch_factor=2)
+    return Packer(encoded, seq_len, eos_id)
 
 
 class StreamBatcher(BaseNode[Batch]):
@@ -160,12 +160,18 @@ def build_batches(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
-) -> StreamBatcher:
+) -> Prefetcher[Batch]:
+    """The rank's batches, produced ahead in one background thread.
+
+    One thread for all of the rank's streams: a thread per stream measured 16% slower
+    training on an H100 (8 streams; BENCHMARKS.md), its Python threads taking the GIL
+    from the training loop.
+    """
     if data.reasoning.weight > 0:
         check_special_tokens(tokenizer)
     stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, batch_size)
     streams = {i: build_stream(data, tokenizer, eos_id, seq_len, i, data.streams) for i in stream_ids}
-    return StreamBatcher(streams, batch_size)
+    return Prefetcher(StreamBatcher(streams, batch_size), prefetch_factor=2)
 
 
 class HybridDataLoader(BaseDataLoader):
@@ -175,16 +181,21 @@ class HybridDataLoader(BaseDataLoader):
     node state into many entries), keyed by stream so that any dp world size can load it.
     """
 
-    def __init__(self, root: StreamBatcher, num_streams: int):
+    # A Prefetcher's state is the snapshot of its source taken with the last batch it handed out.
+    _PREFETCHED, _PREFETCH_STEPS = "snapshot", "steps_since_snapshot"
+
+    def __init__(self, root: Prefetcher[Batch], num_streams: int):
         self._root = root
         self._loader = Loader(root)
         self.num_streams = num_streams
+        self.stream_ids = sorted(root.source.streams)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)
 
     def state_dict(self) -> dict[str, Any]:
-        streams = self._loader.state_dict()[LoaderIterator.ROOT_KEY][StreamBatcher.STREAMS]
+        prefetched = self._loader.state_dict()[LoaderIterator.ROOT_KEY]
+        streams = prefetched[self._PREFETCHED][StreamBatcher.STREAMS]
         state: dict[str, Any] = {STREAM_KEY.format(i): pickle.dumps(s) for i, s in streams.items()}
         state[NUM_STREAMS_KEY] = self.num_streams
         return state
@@ -198,16 +209,15 @@ class HybridDataLoader(BaseDataLoader):
                 f"the dataloader state holds {saved} data streams but [hybrid_data] streams = {self.num_streams}; "
                 f"resume with --hybrid_data.streams {saved}"
             )
-        missing = [i for i in self._root.streams if STREAM_KEY.format(i) not in state_dict]
+        missing = [i for i in self.stream_ids if STREAM_KEY.format(i) not in state_dict]
         if missing:
             raise KeyError(f"dataloader state has no entry for stream(s) {missing}")
-        streams = {i: pickle.loads(state_dict[STREAM_KEY.format(i)]) for i in self._root.streams}
+        streams = {i: pickle.loads(state_dict[STREAM_KEY.format(i)]) for i in self.stream_ids}
+        prefetched = {self._PREFETCHED: {StreamBatcher.STREAMS: streams}, self._PREFETCH_STEPS: 0}
         # A fresh Loader: DCP calls state_dict() first (as a template), and a torchdata Loader
         # hands the iterator made for that to the next iter() without applying loaded state.
         self._loader = Loader(self._root)
-        self._loader.load_state_dict(
-            {LoaderIterator.ROOT_KEY: {StreamBatcher.STREAMS: streams}, LoaderIterator.NUM_YIELDED_KEY: 0}
-        )
+        self._loader.load_state_dict({LoaderIterator.ROOT_KEY: prefetched, LoaderIterator.NUM_YIELDED_KEY: 0})
 
 
 def build_hybrid_dataloader(

@@ -86,6 +86,15 @@ class HybridTrainer(Trainer):
             return output * float("nan")
         return None
 
+    def post_dataloading_process(
+        self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """With ``loss_chunk_tokens`` the model gets the labels and returns the loss (fused output projection)."""
+        inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(input_dict, labels)
+        if self.model_args.loss_chunk_tokens:
+            extra_kwargs["labels"] = labels
+        return inputs, labels, extra_inputs, extra_kwargs
+
     def batch_generator(self, data_iterable: Iterable[Batch]) -> Iterator[Batch]:
         for batch in super().batch_generator(data_iterable):
             self._step_batches.append(batch)

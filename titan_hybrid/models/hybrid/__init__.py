@@ -24,4 +24,26 @@ hybrid_flavors = {
         ffn_dim=2048,
         max_seq_len=4096,
     ),
+    # Recurrent only: GDN-2 with the Kaczmarz key-norm step in every layer, Llama-2 vocabulary.
+    # 1,293,644,608 parameters (16 heads of 128-dim keys and values).
+    "gdn2_kla_1.3B": HybridModelArgs(
+        dim=2048,
+        n_layers=20,
+        pattern="k" * 20,
+        n_heads=16,
+        vocab_size=32000,
+        ffn_dim=5120,
+        max_seq_len=4096,
+    ),
+    # Small Gated DeltaNet / attention hybrid: GDN at layers 0, 1 and 10, attention elsewhere.
+    # 63,429,360 parameters, 25M of them the 49k-token embedding.
+    "gdn_attn_63M": HybridModelArgs(
+        dim=512,
+        n_layers=12,
+        pattern="ddAAAAAAAAdA",
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_dim=1536,
+        max_seq_len=4096,
+    ),
 }

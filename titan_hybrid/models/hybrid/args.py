@@ -10,7 +10,19 @@ from torchtitan.config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 
 # Pattern letters and the mixer each one builds.
-MIXERS = {"g": "gated linear attention (fla chunk_gla)", "A": "softmax attention (GQA + RoPE)"}
+MIXERS = {
+    "g": "gated linear attention (fla chunk_gla)",
+    "A": "softmax attention (GQA + RoPE)",
+    "d": "Gated DeltaNet",
+    "2": "Gated DeltaNet-2 (channel-wise erase and write gates)",
+    "k": "Gated DeltaNet-2 with Kaczmarz key-norm step (KLA)",
+}
+# Letters of the delta-rule mixers, which share delta_head_dim, delta_expand_v and conv_size.
+DELTA_MIXERS = "d2k"
+# fla's chunk length for the delta-rule kernels (FLOP count only).
+DELTA_CHUNK_SIZE = 64
+# MLP names accepted by ``mlp``.
+MLPS = {"swiglu": "SiLU(W1 x) * W3 x", "relu2": "LeakyReLU(W1 x, 0.5)^2"}
 
 
 class ModelConfigError(ValueError):
@@ -27,10 +39,23 @@ class HybridModelArgs(BaseModelArgs):
     n_kv_heads: int = 4
     """Key/value heads of the attention layers (GQA when < n_heads)."""
     vocab_size: int = 49280
+    mlp: str = "swiglu"
+    """MLP of every block, see ``MLPS``."""
     ffn_dim: int = 1024
-    """Hidden width of the SwiGLU MLP."""
+    """Hidden width of the MLP."""
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_dims: int = 0
+    """Rotate only the first ``rope_dims`` dims of each attention head (partial RoPE); 0 = all."""
+    attn_sink: bool = False
+    """A learned key per KV head that every query attends to, with a zero value (an attention sink)."""
+    attn_window: int = 0
+    """Sliding window: a query sees itself and the ``attn_window - 1`` tokens before it; 0 = full causal."""
+    output_softcap: float = 0.0
+    """Soft-cap the output logits to ``cap * tanh(logits / cap)``; 0 = off."""
+    loss_chunk_tokens: int = 0
+    """Training: fuse the output projection into the loss, ``loss_chunk_tokens`` tokens at a time, so the
+    full logits never exist (``ops/linear_cross_entropy.py``); 0 = logits, then TorchTitan's loss."""
     max_seq_len: int = 4096
     gla_expand_k: float = 1.0
     """GLA key width = dim * gla_expand_k (split over n_heads)."""
@@ -39,6 +64,14 @@ class HybridModelArgs(BaseModelArgs):
     gla_gate_logit_normalizer: float = 16.0
     gla_chunk_size: int = 64
     """Chunk length used for the FLOP count of the GLA kernel."""
+    delta_head_dim: int = 0
+    """Key dim per head of the delta-rule mixers (``d``, ``2``, ``k``; n_heads heads); 0 = dim // n_heads."""
+    delta_expand_v: float = 1.0
+    """Value dim per head of the delta-rule mixers = delta_head_dim * delta_expand_v."""
+    conv_size: int = 4
+    """Kernel of the short causal convolutions on q, k, v of the delta-rule mixers."""
+    kla_eps: float = 1e-6
+    """Kaczmarz step of ``k``: eta / (||k||^2 + kla_eps)."""
     document_masking: bool = True
     """Keep attention and the linear-attention state inside each packed document."""
 
@@ -49,9 +82,14 @@ class HybridModelArgs(BaseModelArgs):
         def fail(field: str, why: str) -> None:
             raise ModelConfigError(f"hybrid model: field '{field}' {why}")
 
-        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim"):
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "conv_size", "kla_eps"):
             if getattr(self, field) <= 0:
                 fail(field, f"must be positive, got {getattr(self, field)}")
+        for field in ("rope_dims", "attn_window", "output_softcap", "delta_head_dim", "loss_chunk_tokens"):
+            if getattr(self, field) < 0:
+                fail(field, f"must be >= 0 (0 = off / default), got {getattr(self, field)}")
+        if self.mlp not in MLPS:
+            fail("mlp", f"is {self.mlp!r}; known: {MLPS}")
         unknown = sorted(set(self.pattern) - set(MIXERS))
         if unknown:
             fail("pattern", f"has unknown letter(s) {unknown} in '{self.pattern}'; known: {MIXERS}")
@@ -65,16 +103,33 @@ class HybridModelArgs(BaseModelArgs):
             fail("n_heads", f"= {self.n_heads} does not divide dim = {self.dim}")
         if self.n_heads % self.n_kv_heads:
             fail("n_kv_heads", f"= {self.n_kv_heads} does not divide n_heads = {self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
-            fail("n_heads", f"gives odd head dim {self.dim // self.n_heads}; RoPE needs it even")
+        if self.rope_dims > self.head_dim or self.rope_dims % 2:
+            fail("rope_dims", f"= {self.rope_dims} must be even and <= head dim {self.head_dim}")
+        if self.rotary_dims % 2:
+            fail("n_heads", f"gives odd head dim {self.head_dim}; RoPE needs it even (or set rope_dims)")
         for field in ("gla_expand_k", "gla_expand_v"):
             width = self.dim * getattr(self, field)
             if width != int(width) or int(width) % self.n_heads:
                 fail(field, f"gives width {width}, which must be an integer divisible by n_heads")
+        value_head = self.delta_key_head_dim * self.delta_expand_v
+        if value_head != int(value_head) or value_head <= 0:
+            fail("delta_expand_v", f"gives value head dim {value_head}, which must be a positive integer")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rope_dims or self.head_dim
+
+    @property
+    def delta_key_head_dim(self) -> int:
+        return self.delta_head_dim or self.head_dim
+
+    @property
+    def delta_value_head_dim(self) -> int:
+        return int(self.delta_key_head_dim * self.delta_expand_v)
 
     @property
     def gla_key_dim(self) -> int:
@@ -108,15 +163,29 @@ class HybridModelArgs(BaseModelArgs):
         """Unique parameters, and training FLOPs per token.
 
         6 FLOPs per parameter per token (the tied embedding counts once, as the
-        output projection; the lookup is free), plus the sequence mixers'
-        activation-activation products, which parameters do not capture:
-        causal attention costs 6 * H * head_dim * T / 2 * 2 (QK^T and PV, half
-        masked), GLA's chunked kernel per head ~ 3 * (4 K V + C (K + V)).
+        output projection; the lookup is free; the short convolutions apply each
+        weight once per token, so they are covered too), plus the sequence
+        mixers' activation-activation products, which parameters do not capture.
+        Per head, x3 for forward + backward, causal halves counted once:
+
+        - attention (head dim d): QK^T and PV over the mean number n of keys a
+          query sees, n = mean_i min(i + 1, window) (+1 with a sink):
+          3 * 4 d n, i.e. ~6 d T for full causal attention;
+        - GLA, chunk C, head dims K, V: 3 * (4 K V + C (K + V)): state read and
+          write, the causal intra-chunk QK^T and AV;
+        - delta rule (d, 2, k), fla's chunk C = 64: the GLA terms plus the WY
+          form, K K^T in the chunk (C K) and its use on keys and values
+          (C (K + V)), and the state correction v - W S (2 K V):
+          3 * (6 K V + C (3 K + 2 V)); the triangular solve (~C^2 / 3) and the
+          gates (O(K + V)) are left out.
         """
         nparams = sum(p.numel() for p in model.parameters())
-        n_attn = self.pattern.count("A")
-        n_gla = self.pattern.count("g")
-        attn = n_attn * 6 * self.n_heads * self.head_dim * seq_len
+        window = min(self.attn_window or seq_len, seq_len)
+        mean_keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len + self.attn_sink
+        attn = self.pattern.count("A") * 12 * self.n_heads * self.head_dim * mean_keys
         hk, hv = self.gla_key_dim // self.n_heads, self.gla_value_dim // self.n_heads
-        gla = n_gla * 3 * self.n_heads * (4 * hk * hv + self.gla_chunk_size * (hk + hv))
-        return nparams, 6 * nparams + attn + gla
+        gla = self.pattern.count("g") * 3 * self.n_heads * (4 * hk * hv + self.gla_chunk_size * (hk + hv))
+        dk, dv = self.delta_key_head_dim, self.delta_value_head_dim
+        n_delta = sum(self.pattern.count(c) for c in DELTA_MIXERS)
+        delta = n_delta * 3 * self.n_heads * (6 * dk * dv + DELTA_CHUNK_SIZE * (3 * dk + 2 * dv))
+        return nparams, int(6 * nparams + attn + gla + delta)

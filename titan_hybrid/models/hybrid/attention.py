@@ -1,4 +1,8 @@
-"""Causal softmax attention with grouped-query heads and rotary positions, through SDPA."""
+"""Causal softmax attention with grouped-query heads and rotary positions, through SDPA.
+
+Options (``HybridModelArgs``): partial RoPE (``rope_dims``), a learned attention sink
+(``attn_sink``) and a sliding window (``attn_window``), each combined with document masking.
+"""
 
 from __future__ import annotations
 
@@ -9,43 +13,63 @@ from torch import nn
 from .args import HybridModelArgs
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """``[max_seq_len, head_dim // 2, 2]`` cos/sin table, kept in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rope_cache(rotary_dims: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """``[max_seq_len, rotary_dims // 2, 2]`` cos/sin table, kept in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dims, 2, device=device, dtype=torch.float32) / rotary_dims)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` pairwise (interleaved halves) by ``positions [B, T]``."""
-    cos_sin = rope[positions]  # [B, T, D/2, 2]
+    """Rotate ``x [B, T, H, D]`` pairwise (interleaved halves) by ``positions [B, T]``.
+
+    Only the first ``2 * rope.shape[1]`` dims rotate (partial RoPE); the rest pass through.
+    """
+    n = 2 * rope.shape[1]
+    cos_sin = rope[positions]  # [B, T, n/2, 2]
     cos, sin = cos_sin[..., 0].unsqueeze(2), cos_sin[..., 1].unsqueeze(2)
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+    x1, x2 = x[..., :n].float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return torch.cat([rotated.type_as(x), x[..., n:]], dim=-1)
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, T, T]`` boolean mask: causal and within the same document."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
-    return (same_doc & causal).unsqueeze(1)
+def attention_mask(
+    T: int, doc_ids: torch.Tensor | None, window: int, sink: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean ``[B|1, 1, T, T (+1 sink column first)]`` mask, or None when plain causal suffices."""
+    if doc_ids is None and not window and not sink:
+        return None
+    i = torch.arange(T, device=device)
+    lag = i.unsqueeze(1) - i.unsqueeze(0)  # query minus key position
+    allowed = lag >= 0
+    if window:
+        allowed = allowed & (lag < window)
+    allowed = allowed.expand(1, 1, T, T)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1)
+    if sink:
+        allowed = F.pad(allowed, (1, 0), value=True)
+    return allowed
 
 
 class Attention(nn.Module):
     def __init__(self, args: HybridModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.attn_window
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # One learned key per KV head, no position; its value is 0, so it only absorbs softmax mass.
+        self.sink_k = nn.Parameter(torch.empty(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(linear.weight, std=std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std)
+        if self.sink_k is not None:
+            nn.init.zeros_(self.sink_k)  # sink logit 0 at init: softmax with a "+1" in the denominator
 
     def forward(
         self,
@@ -59,10 +83,14 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.sink_k is not None:
+            sink_k = self.sink_k.to(k.dtype).expand(B, -1, -1).unsqueeze(2)  # [B, KV, 1, D]
+            k = torch.cat([sink_k, k], dim=2)
+            v = F.pad(v, (0, 0, 1, 0))
+        mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
         gqa = self.n_heads != self.n_kv_heads
-        if doc_ids is None:
+        if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            mask = document_causal_mask(doc_ids)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))

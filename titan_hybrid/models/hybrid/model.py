@@ -9,9 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 from torchtitan.protocols.model import ModelProtocol
 
-from .args import HybridModelArgs
+from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
+
+from .args import MIXERS, MLPS, HybridModelArgs
 from .attention import Attention, rope_cache
+from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
+
+# Pattern letter -> mixer layer. Attention takes (x, rope, positions, doc_ids), the others (x, resets).
+MIXER_LAYERS: dict[str, type[nn.Module]] = {
+    "g": GatedLinearAttention,
+    "A": Attention,
+    "d": GatedDeltaNet,
+    "2": GatedDeltaNet2,
+    "k": KaczmarzGDN2,
+}
+assert MIXER_LAYERS.keys() == MIXERS.keys(), "args.MIXERS and model.MIXER_LAYERS disagree"
 
 
 class SwiGLU(nn.Module):
@@ -30,16 +43,36 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class ReLU2(nn.Module):
+    """Squared LeakyReLU(0.5) MLP: ``W2 leaky_relu(W1 x, 0.5)^2``; two matrices instead of SwiGLU's three."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.leaky_relu(self.w1(x), 0.5).square())
+
+
+MLP_LAYERS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2}
+assert MLP_LAYERS.keys() == MLPS.keys(), "args.MLPS and model.MLP_LAYERS disagree"
+
+
 class HybridBlock(nn.Module):
-    """Pre-norm residual block: mixer then SwiGLU."""
+    """Pre-norm residual block: mixer then MLP."""
 
     def __init__(self, mixer_kind: str, args: HybridModelArgs):
         super().__init__()
         self.mixer_kind = mixer_kind
         self.mixer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.mixer = Attention(args) if mixer_kind == "A" else GatedLinearAttention(args)
+        self.mixer = MIXER_LAYERS[mixer_kind](args)
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.mlp = SwiGLU(args.dim, args.ffn_dim)
+        self.mlp = MLP_LAYERS[args.mlp](args.dim, args.ffn_dim)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.mixer_norm.reset_parameters()
@@ -67,8 +100,9 @@ class HybridLM(ModelProtocol):
     """Decoder-only LM with tied input/output embeddings.
 
     ``forward(tokens, positions=None)``: ``positions`` restart at 0 where a packed
-    document starts; with ``document_masking`` they keep attention and the GLA
-    state inside each document. Without them every row is one sequence.
+    document starts; with ``document_masking`` they keep attention, the recurrent
+    states and the short convolutions inside each document. Without them every
+    row is one sequence.
     """
 
     def __init__(self, model_args: HybridModelArgs):
@@ -83,7 +117,7 @@ class HybridLM(ModelProtocol):
 
     def _rope(self, device=None) -> torch.Tensor:
         a = self.model_args
-        return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, device=device)
+        return rope_cache(a.rotary_dims, a.max_seq_len, a.rope_theta, device=device)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Small-std init; residual output projections scaled by 1/sqrt(2 * n_layers)."""
@@ -96,7 +130,10 @@ class HybridLM(ModelProtocol):
             block.init_weights(std, out_std)
         self.norm.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``; with ``labels`` (and ``loss_chunk_tokens``), the summed loss instead."""
         B, T = tokens.shape
         doc_ids = resets = None
         if positions is None or not self.model_args.document_masking:
@@ -108,4 +145,8 @@ class HybridLM(ModelProtocol):
         for block in self.layers.values():
             h = block(h, self.rope, positions, doc_ids, resets)
         h = self.norm(h)
-        return F.linear(h, self.tok_embeddings.weight)
+        cap = self.model_args.output_softcap
+        if labels is not None:
+            return linear_cross_entropy(h, self.tok_embeddings.weight, labels, self.model_args.loss_chunk_tokens, cap)
+        logits = F.linear(h, self.tok_embeddings.weight)
+        return cap * torch.tanh(logits / cap) if cap else logits

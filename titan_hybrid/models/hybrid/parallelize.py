@@ -15,7 +15,10 @@ from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
+from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import logger
+
+from titan_hybrid.ops.gated_delta import require_exact_gated_delta_backward
 
 # Ops whose outputs selective op-level AC keeps instead of recomputing.
 _OP_SAC_SAVE_LIST = {
@@ -29,6 +32,9 @@ _OP_SAC_SAVE_LIST = {
 
 
 def parallelize_hybrid(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    if "d" in model.model_args.pattern and titan_utils.device_type == "cuda":
+        # fla refuses the Gated DeltaNet backward on some GPU/Triton pairs; say so before training starts.
+        require_exact_gated_delta_backward()
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(

@@ -1,6 +1,9 @@
 """The hybrid LM registered as a TorchTitan train spec named ``hybrid``."""
 
+import torch
+
 from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.config import JobConfig
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
@@ -12,6 +15,20 @@ from .model import HybridLM
 from .parallelize import parallelize_hybrid
 
 TRAIN_SPEC_NAME = "hybrid"
+
+
+def build_hybrid_loss(job_config: JobConfig, **kwargs):
+    """TorchTitan's summed cross-entropy, or the model's own output when it already is that loss.
+
+    With ``loss_chunk_tokens`` the trainer hands the labels to the model, which returns the
+    summed loss of its fused output projection (``HybridTrainer.post_dataloading_process``).
+    """
+    cross_entropy = build_cross_entropy_loss(job_config, **kwargs)
+
+    def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return pred if pred.ndim == 0 else cross_entropy(pred, labels)
+
+    return loss_fn
 _registered: set[str] = set()
 
 
@@ -31,6 +48,6 @@ def register() -> None:
             build_lr_schedulers_fn=build_lr_schedulers,
             build_dataloader_fn=build_hybrid_dataloader,
             build_tokenizer_fn=build_hf_tokenizer,
-            build_loss_fn=build_cross_entropy_loss,
+            build_loss_fn=build_hybrid_loss,
         ),
     )

@@ -1,0 +1,201 @@
+"""GPU check: fla's kernels against the CPU PyTorch paths, same inputs (and same model weights).
+
+For each sequence mixer (gla, gated_delta, gdn2, gdn2_kla), kernel input dtype
+(log decays stay fp32, as the layers pass them) and with/without packed
+documents (``resets`` -> fla ``cu_seqlens``), runs the op on CUDA and on CPU in
+fp32 and reports the relative error ||gpu - cpu|| / ||cpu|| of the output and
+of every input gradient; then the hybrid model's logits per layer pattern
+(bf16 autocast or fp32 on GPU vs fp32 on CPU, forward only). Prints a Markdown
+table, writes one JSON line per case to ``--out``, and exits non-zero if an
+error exceeds the tolerance (fp32 kernels use TF32 dots: 2e-3; bf16: 2e-2).
+
+Gated DeltaNet gradients that fla refuses on Hopper with Triton >= 3.4, < 3.7.1
+(fla issue #640) are reported as refused, not as failures. Each new (mixer,
+dtype, head size) costs a Triton autotune of minutes; keep TRITON_CACHE_DIR.
+Needs a CUDA GPU and fla.
+    python -m bench.mixer_parity --out parity.jsonl [--mixers ...] [--dtypes ...] [--shapes ...] [--patterns ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+
+import fla
+import torch
+import torch.nn.functional as F
+import triton
+
+from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule
+from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla
+from titan_hybrid.ops.gla import chunk_gla
+
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
+REFUSED = "refused (fla #640)"
+# Inputs that stay fp32 on the GPU whatever the kernel dtype: the log decays.
+FP32_INPUTS = {"g"}
+
+
+def _decay(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return F.logsigmoid(torch.randn(*shape, generator=gen)) / 4
+
+
+def _gate(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).sigmoid()
+
+
+def _inputs(mixer: str, B: int, T: int, H: int, K: int, V: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Named fp32 CPU inputs, in the op's argument order."""
+    x = {"q": torch.randn(B, T, H, K, generator=gen), "k": torch.randn(B, T, H, K, generator=gen),
+         "v": torch.randn(B, T, H, V, generator=gen)}
+    if mixer == "gla":
+        return {**x, "g": _decay(B, T, H, K, gen=gen)}
+    if mixer == "gated_delta":
+        return {**x, "g": _decay(B, T, H, gen=gen), "beta": _gate(B, T, H, gen=gen)}
+    x = {**x, "g": _decay(B, T, H, K, gen=gen), "b": _gate(B, T, H, K, gen=gen), "w": _gate(B, T, H, V, gen=gen)}
+    if mixer == "gdn2":
+        return x
+    return {**x, "eta": _gate(B, T, H, gen=gen)}  # gdn2_kla: raw keys, as the layer feeds them
+
+
+# The public ops dispatch on device: fla on CUDA tensors, the PyTorch path on CPU ones.
+# The delta-rule layers L2-normalise q and k, so the ops run that way here too.
+OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "gla": chunk_gla,
+    "gated_delta": functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True),
+    "gdn2": functools.partial(chunk_gdn2, use_qk_l2norm=True),
+    "gdn2_kla": chunk_gdn2_kla,
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, with_resets: bool) -> dict:
+    gen = torch.Generator().manual_seed(B * T + H)
+    inputs = _inputs(mixer, B, T, H, K, V, gen)
+    do = torch.randn(B, T, H, V, generator=gen)
+    resets = None
+    if with_resets:
+        resets = torch.zeros(B, T, dtype=torch.bool)
+        resets[:, [T // 3, T // 3 + 1, T // 2 + 7]] = True
+    op = OPS[mixer]
+    cpu_in = {n: x.clone().requires_grad_() for n, x in inputs.items()}
+    o_cpu = op(*cpu_in.values(), resets=resets)
+    (o_cpu * do).sum().backward()
+    gpu_in = {n: x.to("cuda", torch.float32 if n in FP32_INPUTS else dtype).requires_grad_() for n, x in inputs.items()}
+    o_gpu = op(*gpu_in.values(), resets=None if resets is None else resets.cuda())
+    errs: dict[str, float | str] = {"o": rel_err(o_gpu, o_cpu)}
+    try:
+        (o_gpu.float() * do.cuda()).sum().backward()
+    except RuntimeError as e:
+        if "#640" not in str(e):
+            raise
+        return errs | {f"d{n}": REFUSED for n in inputs}
+    return errs | {f"d{n}": rel_err(gpu_in[n].grad, cpu_in[n].grad) for n in inputs}
+
+
+def model_case(pattern: str, dtype: torch.dtype) -> dict:
+    # Head dims 64, as in the 308M model, so the kernels' tuned configs are shared.
+    args = hybrid_flavors["debug"].replace(
+        dim=256, n_heads=4, n_kv_heads=2, vocab_size=1024, pattern=pattern, n_layers=len(pattern)
+    )
+    torch.manual_seed(0)
+    model = HybridLM(args)
+    model.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 300))
+    positions = torch.cat([torch.arange(120), torch.arange(180)]).expand(2, -1)
+    with torch.no_grad():
+        ref = model(tokens, positions)
+        gpu_model = HybridLM(args).cuda()
+        gpu_model.load_state_dict(model.state_dict())
+        gpu_model.rope = gpu_model._rope(device="cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = gpu_model(tokens.cuda(), positions.cuda())
+    return {"logits": rel_err(out, ref)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", default=["2,1000,4,64,64"],
+                        help="B,T,H,K,V per op case (each new K/V/dtype costs a Triton autotune)")
+    parser.add_argument("--patterns", nargs="*", default=["gggA", "dddA", "222A", "kkkA"],
+                        help="hybrid-model layer patterns to compare (none: skip the model cases)")
+    parser.add_argument("--out", help="append one JSON line per case to this file")
+    cli = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    env = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla.__version__,
+    }
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in cli.shapes]
+    cases = []  # (record without results, thunk)
+    for dtype in (getattr(torch, d) for d in cli.dtypes):
+        for mixer in cli.mixers:
+            for shape in shapes:
+                for resets in (False, True):
+                    record = {"case": "op", "mixer": mixer, "shape": shape, "dtype": str(dtype)[6:], "resets": resets}
+                    cases.append((record, dtype, functools.partial(op_case, mixer, *shape, dtype, resets)))
+        for pattern in cli.patterns:
+            record = {"case": "model", "mixer": pattern, "shape": (2, 300), "dtype": str(dtype)[6:], "resets": True}
+            cases.append((record, dtype, functools.partial(model_case, pattern, dtype)))
+
+    out = open(cli.out, "a") if cli.out else None
+    rows, all_ok = [], True
+    for record, dtype, run in cases:
+        try:
+            errs = run()
+            numbers = [e for e in errs.values() if isinstance(e, float)]
+            status = "OK" if max(numbers) <= TOLERANCE[dtype] else "FAIL"
+            status = "refused" if status == "OK" and REFUSED in errs.values() else status
+        except Exception as e:  # one broken case must not hide the others' results
+            traceback.print_exc()
+            errs, status = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, "ERROR"
+        all_ok &= status in ("OK", "refused")
+        record = record | env | {"status": status, "rel_err": errs}
+        rows.append(record)
+        print(f"{status:7} {_label(record)}: " + " ".join(f"{k}={_fmt(v)}" for k, v in errs.items()), flush=True)
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+    if out:
+        out.close()
+    print()
+    print(markdown_table(rows))
+    return 0 if all_ok else 1
+
+
+def _label(r: dict) -> str:
+    if r["case"] == "model":
+        return f"hybrid model `{r['mixer']}` {r['dtype']}"
+    B, T, H, K, V = r["shape"]
+    return f"{r['mixer']} B{B} T{T} H{H} K{K} V{V} {r['dtype']}{', resets' if r['resets'] else ''}"
+
+
+def _fmt(v: float | str) -> str:
+    return f"{v:.2e}" if isinstance(v, float) else v
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r["rel_err"]))
+    lines = ["| case | status | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+    for r in rows:
+        cells = [_fmt(r["rel_err"][c]) if c in r["rel_err"] else "" for c in columns]
+        lines.append(f"| {_label(r)} | {r['status']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Shared pieces of the sequence-mixer ops: the chunked PyTorch recurrence and fla plumbing.
+
+All mixers here are special cases of one matrix-state recurrence per head
+(state S is K x V, log-decay g <= 0 per key channel or per head):
+
+    S_t = (I - k_t (b_t * k_t)^T) diag(exp(g_t)) S_{t-1} + k_t (w_t * v_t)^T,   o_t = scale * S_t^T q_t
+
+GLA has no erase term (b = 0, w = 1), Gated DeltaNet has a per-head decay and
+b = w = beta, GDN-2 has per-channel b and w. One chunked implementation serves
+all of them on CPU; on CUDA each op calls its fla kernel through ``call_fla``.
+
+Document boundaries are given as ``resets`` [B, T] (True where a token starts
+a new document): the state is zeroed before such a token, exactly as fla's
+``cu_seqlens`` varlen mode does on GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# fla's in-kernel l2norm: x / sqrt(sum(x^2) + eps) (eps inside the root, unlike F.normalize).
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dim in fp32 the way fla's ``use_qk_l2norm_in_kernel`` does."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def chunk_recurrence_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+    scale: float | None = None,
+    resets: torch.Tensor | None = None,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """The recurrence above, chunked; returns ``[B, T, H, V]`` in ``v.dtype``.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K or 1]; erase gate b
+    [B, T, H, K or 1] (None: no erase, i.e. GLA); write gate w [B, T, H, V or 1]
+    (None: 1). A trailing 1 broadcasts (per-head decay / gate) and takes a
+    cheaper path for the decay.
+
+    Inside a chunk the delta-rule writes are resolved with the WY form (one
+    unit-lower-triangular solve per chunk, as in fla's ``naive_chunk_*``); a
+    Python loop runs only over chunks. Pairwise decays ``exp(G_i - G_j)``
+    (j <= i) are formed explicitly instead of as ``exp(G_i) * exp(-G_j)``: the
+    factorised form overflows in fp32 once a chunk's cumulative decay passes
+    ~88 nats, and every exponent here is <= 0. Computation runs in fp32.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    pad = (-T) % C
+    N = (T + pad) // C
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> fp32 [B, H, N, C, D]
+        x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        return x.transpose(1, 2).reshape(B, H, N, C, x.shape[-1])
+
+    dtype = v.dtype
+    q, k, v = chunks(q) * scale, chunks(k), chunks(v)
+    G = chunks(g).cumsum(dim=3)
+    if resets is None:
+        resets = torch.zeros(B, T, dtype=torch.bool, device=q.device)
+    # Segment index of each token inside its chunk: tokens interact only within a segment.
+    seg = F.pad(resets, (0, pad)).reshape(B, 1, N, C).long().cumsum(dim=3)
+    same_seg = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [B, 1, N, C, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    mask = same_seg & causal
+    # Masked entries get a 0 exponent (never inf - inf).
+    decay = (G.unsqueeze(4) - G.unsqueeze(3)).masked_fill(~mask.unsqueeze(-1), 0.0).exp()  # [B,H,N,Ci,Cj,K|1]
+
+    def decayed_scores(a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """sum_d a_id k_jd exp(G_id - G_jd) where ``keep``, else 0."""
+        if decay.shape[-1] == 1:
+            s = (a @ k.transpose(-1, -2)) * decay.squeeze(-1)
+        else:
+            s = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", a, k, decay)
+        return s.masked_fill(~keep, 0.0)
+
+    # A token sees the carried state only if no document starts between the
+    # chunk start and itself; the carried state survives a chunk only if no
+    # document starts in it, and only the last segment writes the next state.
+    sees_state = (seg == 0).unsqueeze(-1).float()  # [B, 1, N, C, 1]
+    chunk_keeps_state = (seg[..., -1] == 0).float()  # [B, 1, N]
+    in_last_seg = (seg == seg[..., -1:]).unsqueeze(-1).float()
+    G_last = G[:, :, :, -1]  # [B, H, N, K|1]
+
+    u = v if w is None else v * chunks(w)
+    if b is not None:
+        # (I + tril(-1) of (b*k) k^T decayed) [u | w_wy] = [w*v | b*k*exp(G)]: the
+        # new values are u - w_wy @ S for the state S carried into the chunk.
+        # The solve reads only the strict lower triangle of kk (unit diagonal).
+        bk = k * chunks(b)
+        kk = decayed_scores(bk, mask)
+        rhs = torch.cat([u, bk * G.exp() * sees_state], dim=-1)
+        u, w_wy = torch.linalg.solve_triangular(kk, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+    q_from_start = q * G.exp() * sees_state
+    k_to_end = k * (G_last.unsqueeze(3) - G).exp() * in_last_seg
+    state_decay = (G_last.exp() * chunk_keeps_state.unsqueeze(-1)).unsqueeze(-1)  # [B, H, N, K|1, 1]
+
+    S = q.new_zeros(B, H, K, V)
+    o_inter, v_new = [], []
+    for n in range(N):
+        o_inter.append(q_from_start[:, :, n] @ S)
+        v_n = u[:, :, n] if b is None else u[:, :, n] - w_wy[:, :, n] @ S
+        v_new.append(v_n)
+        S = state_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ v_n
+    o = torch.stack(o_inter, dim=2) + decayed_scores(q, mask) @ torch.stack(v_new, dim=2)
+    return o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+
+
+def resets_to_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
+    """Document starts ``[B, T]`` -> fla's ``cu_seqlens`` over the flattened ``B*T`` tokens."""
+    flat = resets.clone()
+    flat[:, 0] = True  # every row starts a sequence
+    flat = flat.reshape(-1)
+    starts = flat.nonzero().squeeze(-1)
+    end = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+@torch.compiler.disable
+def call_fla(
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    *tensors: torch.Tensor,
+    resets: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Run an fla chunk kernel on ``[B, T, H, ...]`` tensors, resets as varlen ``cu_seqlens``.
+
+    fla's varlen mode wants batch 1, so rows are flattened into one packed
+    sequence whose boundaries are the row starts plus the document starts.
+    Kept out of torch.compile graphs: Triton autotuned kernels are opaque to Dynamo.
+    """
+    if resets is None:
+        return kernel(*tensors, **kwargs)[0]
+    B, T = tensors[0].shape[:2]
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
+    o, _ = kernel(*flat, cu_seqlens=resets_to_cu_seqlens(resets), **kwargs)
+    return o.reshape(B, T, *o.shape[2:])

@@ -1,0 +1,103 @@
+"""Gated DeltaNet (Yang et al., 2025): fla's Triton kernel on CUDA, a chunked PyTorch path elsewhere.
+
+Recurrence per head (state S is K x V, one log-decay g <= 0 and one write
+strength beta in (0, 1) per head and token):
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = scale * S_t^T q_t
+
+i.e. the shared recurrence of ``titan_hybrid.ops.common`` with a per-head decay
+and b = w = beta. Document boundaries are given as ``resets``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm
+
+try:  # fla imports Triton; both are optional on CPU-only installs.
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
+except ImportError:  # pragma: no cover - exercised only without fla installed
+    _fla_chunk_gated_delta_rule = None
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    resets: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Chunked gated delta rule in PyTorch (fp32); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H].
+
+    The per-head decay makes the pairwise decays C x C instead of GLA's
+    C x C x K, so fla's chunk length of 64 is also the fastest here on CPU.
+    """
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    beta = beta.unsqueeze(-1)
+    return chunk_recurrence_torch(
+        q, k, v, g.unsqueeze(-1), b=beta, w=beta, scale=scale, resets=resets, chunk_size=chunk_size
+    )
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    resets: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """Gated delta rule forward on the best backend for the tensors' device.
+
+    On Hopper GPUs call ``require_exact_gated_delta_backward`` before training.
+    """
+    if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
+        return call_fla(
+            _fla_chunk_gated_delta_rule, q, k, v, g, beta,
+            resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm)
+
+
+def require_exact_gated_delta_backward() -> None:
+    """Raise now if fla's gated-delta-rule backward would be refused (or wrong) on this machine.
+
+    With Triton >= 3.4 and < 3.7.1 on Hopper, fla's Triton ``chunk_bwd_dqkwg``
+    computes wrong gradients (fla issue #640); fla raises only inside the first
+    backward, after model setup and the forward pass. fla routes that kernel to
+    its TileLang backend instead when TileLang is usable (package installed,
+    nvcc found, not disabled by ``FLA_TILELANG=0`` or backend dispatch turned
+    off). fla's FlashQLA backend would also avoid it, but only for K = V = 128
+    in 16-bit, so it is not counted as a way out here. GDN-2's backward uses
+    its own kernels, not ``chunk_bwd_dqkwg``, and needs no such check.
+    """
+    if _fla_chunk_gated_delta_rule is None:
+        return
+    import triton
+    from fla import utils as fla_utils
+    from fla.ops.common.backends.tilelang import CommonTileLangBackend
+
+    if not (fla_utils.IS_NVIDIA_HOPPER and fla_utils.TRITON_ABOVE_3_4_0 and not fla_utils.TRITON_ABOVE_3_7_1):
+        return
+    tilelang = CommonTileLangBackend()
+    dispatch_on = os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") != "1"
+    if dispatch_on and tilelang.is_available() and tilelang.is_enabled():
+        return
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "a Hopper GPU"
+    raise RuntimeError(
+        f"Gated DeltaNet layers cannot train on {gpu} with Triton {triton.__version__}: fla's Triton "
+        "backward kernel (chunk_bwd_dqkwg) computes wrong gradients on Hopper with Triton >= 3.4.0 "
+        "and < 3.7.1 (fla issue #640), so fla refuses it. Ways out: install triton>=3.7.1 (with a "
+        "torch build that accepts it), or `pip install tilelang` (needs nvcc from a CUDA toolkit; "
+        "leave FLA_TILELANG unset or 1) so fla dispatches that kernel to its TileLang backend."
+    )

@@ -137,7 +137,7 @@ class StreamBatcher(BaseNode[Batch]):
         super().__init__()
         if batch_size % len(streams):
             raise DataConfigError(f"{len(streams)} streams do not divide the batch size {batch_size}")
-        self.streams, self.batch_size = streams, batch_size
+        self.streams = streams
         self._order = [streams[i] for i in sorted(streams)] * (batch_size // len(streams))
 
     def reset(self, initial_state: dict[str, Any] | None = None):

@@ -127,16 +127,15 @@ class StreamBatcher(BaseNode[Batch]):
     """Batches of ``batch_size`` rows taken round-robin from a rank's streams.
 
     Each batch starts again at the rank's first stream, and the number of streams
-    divides the batch size, so every batch (and every step) holds the same number
-    of rows from each stream: the state is just each stream's own position.
+    divides the batch size (``streams_of_rank`` checks it), so every batch (and every
+    step) holds the same number of rows from each stream: the state is just each
+    stream's own position.
     """
 
     STREAMS = "streams"
 
     def __init__(self, streams: dict[int, BaseNode[Row]], batch_size: int):
         super().__init__()
-        if batch_size % len(streams):
-            raise DataConfigError(f"{len(streams)} streams do not divide the batch size {batch_size}")
         self.streams = streams
         self._order = [streams[i] for i in sorted(streams)] * (batch_size // len(streams))
 

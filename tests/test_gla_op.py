@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gla.naive import naive_recurrent_gla
 
-from titan_hybrid.ops.gla import chunk_gla_torch, resets_to_cu_seqlens
+from titan_hybrid.ops.common import resets_to_cu_seqlens
+from titan_hybrid.ops.gla import chunk_gla_torch
 
 
 def _inputs(B, T, H, K, V, seed=0, decay_scale=1.0):

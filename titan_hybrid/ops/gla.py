@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, resets_to_cu_seqlens
+from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gla import chunk_gla as _fla_chunk_gla
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gla = None
-
-__all__ = ["chunk_gla", "chunk_gla_torch", "resets_to_cu_seqlens"]
 
 
 def chunk_gla_torch(

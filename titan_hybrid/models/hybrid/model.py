@@ -133,7 +133,8 @@ class HybridLM(ModelProtocol):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits ``[B, T, vocab]``; with ``labels`` (and ``loss_chunk_tokens``), the summed loss instead."""
+        """Logits ``[B, T, vocab]``; with ``labels``, the summed loss of the fused output projection
+        instead (``loss_chunk_tokens`` tokens at a time; 0 = all at once)."""
         B, T = tokens.shape
         doc_ids = resets = None
         if positions is None or not self.model_args.document_masking:
@@ -147,6 +148,7 @@ class HybridLM(ModelProtocol):
         h = self.norm(h)
         cap = self.model_args.output_softcap
         if labels is not None:
-            return linear_cross_entropy(h, self.tok_embeddings.weight, labels, self.model_args.loss_chunk_tokens, cap)
+            chunk_tokens = self.model_args.loss_chunk_tokens or labels.numel()
+            return linear_cross_entropy(h, self.tok_embeddings.weight, labels, chunk_tokens, cap)
         logits = F.linear(h, self.tok_embeddings.weight)
         return cap * torch.tanh(logits / cap) if cap else logits

@@ -3,7 +3,7 @@
     python -m bench.kernel_profile DUMP/profile_traces/iteration_N/rank0_trace.json [--top 25]
 
 Prints (1) how busy the GPU was between the step's first and last kernel, (2) the
-device time per kernel name, and (3) the longest idle gaps with the kernels around
+device time per kernel family and per kernel name, and (3) the longest idle gaps with the kernels around
 them: a GPU that waits on the host (launch overhead, the data loader, a sync) shows
 up as gaps, not as slow kernels. Run it on a step that is not the first profiled one.
 """
@@ -36,6 +36,21 @@ def read_kernels(trace_path: str) -> list[Kernel]:
         if e.get("cat") == "kernel" and e.get("ph") == "X"
     ]
     return sorted(kernels, key=lambda k: k.start_us)
+
+
+# Kernel families, first match wins: where a step's kernel time goes at a glance.
+FAMILIES = [
+    ("GEMM (cuBLAS / CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("fla linear attention", ("chunk_", "recompute_w_u", "fused_recurrent", "solve_tril")),
+    ("softmax attention (SDPA)", ("sdpa", "flash", "fmha", "attention")),
+    ("optimizer and grad clipping", ("multi_tensor", "adam", "lpnorm", "norm_kernel")),
+    ("Inductor fused kernels", ("triton_",)),
+]
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    return next((f for f, keys in FAMILIES if any(key in lowered for key in keys)), "other (eager ATen)")
 
 
 def busy_time_us(kernels: list[Kernel]) -> float:
@@ -73,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
         totals[k.name][0] += k.dur_us
         totals[k.name][1] += 1
     kernel_total = sum(us for us, _ in totals.values())
+    by_family: dict[str, float] = defaultdict(float)
+    for name, (us, _) in totals.items():
+        by_family[family(name)] += us
+    print(f"\n{'ms':>9} {'share':>6}  family")
+    for name, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        print(f"{us / 1e3:9.1f} {100 * us / kernel_total:5.1f}%  {name}")
     print(f"\n{'ms':>9} {'share':>6} {'calls':>6}  kernel")
     for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us / 1e3:9.1f} {100 * us / kernel_total:5.1f}% {int(calls):6d}  {name[:110]}")

@@ -1,6 +1,7 @@
 """GPU check: fla's kernels against the CPU PyTorch paths, same inputs (and same model weights).
 
-For each sequence mixer (gla, gated_delta, gdn2, gdn2_kla), kernel input dtype
+For each sequence mixer (gla, gated_delta, gdn2, gdn2_kla; gla_compiled is GLA under
+``torch.compile(fullgraph=True)``, which fails if the kernels break the graph), kernel input dtype
 (log decays stay fp32, as the layers pass them) and with/without packed
 documents (``resets`` -> fla ``cu_seqlens``), runs the op on CUDA and on CPU in
 fp32 and reports the relative error ||gpu - cpu|| / ||cpu|| of the output and
@@ -67,6 +68,8 @@ def _inputs(mixer: str, B: int, T: int, H: int, K: int, V: int, gen: torch.Gener
 # The delta-rule layers L2-normalise q and k, so the ops run that way here too.
 OPS: dict[str, Callable[..., torch.Tensor]] = {
     "gla": chunk_gla,
+    # The GLA kernels are torch.library custom ops: the whole call compiles as one graph.
+    "gla_compiled": chunk_gla,
     "gated_delta": functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True),
     "gdn2": functools.partial(chunk_gdn2, use_qk_l2norm=True),
     "gdn2_kla": chunk_gdn2_kla,
@@ -80,7 +83,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, with_resets: bool) -> dict:
     gen = torch.Generator().manual_seed(B * T + H)
-    inputs = _inputs(mixer, B, T, H, K, V, gen)
+    inputs = _inputs(mixer.removesuffix("_compiled"), B, T, H, K, V, gen)
     do = torch.randn(B, T, H, V, generator=gen)
     resets = None
     if with_resets:
@@ -91,7 +94,8 @@ def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dty
     o_cpu = op(*cpu_in.values(), resets=resets)
     (o_cpu * do).sum().backward()
     gpu_in = {n: x.to("cuda", torch.float32 if n in FP32_INPUTS else dtype).requires_grad_() for n, x in inputs.items()}
-    o_gpu = op(*gpu_in.values(), resets=None if resets is None else resets.cuda())
+    gpu_op = torch.compile(op, fullgraph=True) if mixer.endswith("_compiled") else op
+    o_gpu = gpu_op(*gpu_in.values(), resets=None if resets is None else resets.cuda())
     errs: dict[str, float | str] = {"o": rel_err(o_gpu, o_cpu)}
     try:
         (o_gpu.float() * do.cuda()).sum().backward()

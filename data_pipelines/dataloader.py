@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torchtitan.config import JobConfig
 
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
 
+from .prefetch import ProcessPrefetcher
 from .packing import Encoder, Packer, Row, check_special_tokens, collate
 from .shuffle import ShuffleBuffer
 from .sources import Doc, ShardSource, list_shards, reasoning_doc, text_doc
@@ -151,6 +153,14 @@ class StreamBatcher(BaseNode[Batch]):
         return {self.STREAMS: {stream_id: node.state_dict() for stream_id, node in self.streams.items()}}
 
 
+def build_stream_batcher(
+    data: HybridData, tokenizer: Tokenizer, eos_id: int, seq_len: int, batch_size: int, stream_ids: list[int]
+) -> StreamBatcher:
+    """The batches of the given streams, built where they are read (also in a loader process)."""
+    streams = {i: build_stream(data, tokenizer, eos_id, seq_len, i, data.streams) for i in stream_ids}
+    return StreamBatcher(streams, batch_size)
+
+
 def build_batches(
     data: HybridData,
     tokenizer: Tokenizer,
@@ -159,18 +169,24 @@ def build_batches(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
-) -> Prefetcher[Batch]:
-    """The rank's batches, produced ahead in one background thread.
+    prefetch: int = 2,
+) -> Prefetcher[Batch] | ProcessPrefetcher[Batch]:
+    """The rank's batches, produced up to ``prefetch`` ahead by one background thread or process.
 
-    One thread for all of the rank's streams: a thread per stream measured 16% slower
+    One producer for all of the rank's streams: a thread per stream measured 16% slower
     training on an H100 (8 streams; BENCHMARKS.md), its Python threads taking the GIL
-    from the training loop.
+    from the training loop; ``[hybrid_data] loader = "process"`` takes the rest of the
+    loader's Python work out of the training process.
     """
     if data.reasoning.weight > 0:
         check_special_tokens(tokenizer)
     stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, batch_size)
-    streams = {i: build_stream(data, tokenizer, eos_id, seq_len, i, data.streams) for i in stream_ids}
-    return Prefetcher(StreamBatcher(streams, batch_size), prefetch_factor=2)
+    build = partial(build_stream_batcher, data, tokenizer, eos_id, seq_len, batch_size, stream_ids)
+    if data.loader == "process":
+        return ProcessPrefetcher(build, prefetch)
+    if data.loader == "thread":
+        return Prefetcher(build(), prefetch_factor=prefetch)
+    raise DataConfigError(f"[hybrid_data] loader must be 'process' or 'thread', got {data.loader!r}")
 
 
 class HybridDataLoader(BaseDataLoader):
@@ -183,11 +199,11 @@ class HybridDataLoader(BaseDataLoader):
     # A Prefetcher's state is the snapshot of its source taken with the last batch it handed out.
     _PREFETCHED, _PREFETCH_STEPS = "snapshot", "steps_since_snapshot"
 
-    def __init__(self, root: Prefetcher[Batch], num_streams: int):
+    def __init__(self, root: Prefetcher[Batch] | ProcessPrefetcher[Batch], num_streams: int, stream_ids: list[int]):
         self._root = root
         self._loader = Loader(root)
         self.num_streams = num_streams
-        self.stream_ids = sorted(root.source.streams)
+        self.stream_ids = stream_ids
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)
@@ -228,13 +244,19 @@ def build_hybrid_dataloader(
     """TorchTitan ``build_dataloader_fn`` for ``[hybrid_data]``; tokenizer from ``[model] hf_assets_path``."""
     if tokenizer is None or tokenizer.eos_id is None:
         raise ValueError("[hybrid_data] needs a tokenizer with an EOS token ([model] hf_assets_path)")
+    data, training = job_config.hybrid_data, job_config.training
+    # TorchTitan takes a whole step's micro-batches at its start: keep two steps' worth ready.
+    rows_per_step = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size
+    micro_batches = max(1, rows_per_step // (training.local_batch_size * dp_world_size))
     root = build_batches(
-        job_config.hybrid_data,
+        data,
         tokenizer.tokenizer,
         tokenizer.eos_id,
-        seq_len=job_config.training.seq_len,
-        batch_size=job_config.training.local_batch_size,
+        seq_len=training.seq_len,
+        batch_size=training.local_batch_size,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        prefetch=2 * micro_batches,
     )
-    return HybridDataLoader(root, job_config.hybrid_data.streams)
+    stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, training.local_batch_size)
+    return HybridDataLoader(root, data.streams, stream_ids)

@@ -1,6 +1,9 @@
 """The [hybrid_data] pipeline on the fixture shards: determinism, mixing, sharding, resume, formatting, errors."""
 
 import os
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 
-from data_pipelines.dataloader import HybridDataLoader, build_batches, build_documents, build_source
+from data_pipelines.dataloader import HybridDataLoader, build_batches, build_documents, build_source, streams_of_rank
 from data_pipelines.packing import Encoder
 from data_pipelines.sources import DataSourceError
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
@@ -33,12 +36,13 @@ def fixture_data(web=0.5, code=0.25, reasoning=0.25, **kw) -> HybridData:
         web=TextSource(path=str(FIXTURES / "fineweb-edu"), data_dir="sample/10BT", weight=web),
         code=TextSource(path=str(FIXTURES / "starcoderdata"), data_dir="python", weight=code, text_field="content"),
         reasoning=ReasoningSource(path=str(FIXTURES / "openr1"), data_dir="data", weight=reasoning),
-        **{"seed": 1234, "streams": 2, "shuffle_buffer": 16, "num_workers": 0, **kw},
+        **{"seed": 1234, "streams": 2, "shuffle_buffer": 16, "num_workers": 0, "loader": "thread", **kw},
     )
 
 
 def loader(data: HybridData, rank: int = 0, world: int = 1, batch: int = BATCH) -> HybridDataLoader:
-    return HybridDataLoader(build_batches(data, TOKENIZER, EOS, SEQ_LEN, batch, rank, world), data.streams)
+    root = build_batches(data, TOKENIZER, EOS, SEQ_LEN, batch, rank, world)
+    return HybridDataLoader(root, data.streams, streams_of_rank(data.streams, rank, world, batch))
 
 
 def take(it, n: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -138,6 +142,61 @@ def test_state_dict_resumes_with_the_next_batch(num_workers):
     resumed.load_state_dict(state)
     assert_same(take(iter(resumed), 5), expected)
 
+
+
+def test_loader_process_gives_the_thread_loaders_batches_and_checkpoints():
+    """The same batches from a child process, and states that load either way."""
+    data = fixture_data(shuffle_buffer=4)
+    in_thread, in_process = (loader(replace(data, loader=where), 1, 2) for where in ("thread", "process"))
+    thread_it, process_it = iter(in_thread), iter(in_process)
+    assert_same(take(process_it, 4), take(thread_it, 4))
+    saved = {"thread": in_thread.state_dict(), "process": in_process.state_dict()}
+    expected = take(thread_it, 3)
+    assert_same(take(process_it, 3), expected)
+
+    for saved_by, resumed_by in [("process", "thread"), ("thread", "process")]:
+        resumed = loader(replace(data, loader=resumed_by), 1, 2)
+        resumed.state_dict()  # as DCP does, before loading
+        resumed.load_state_dict(saved[saved_by])
+        assert_same(take(iter(resumed), 3), expected)
+
+
+def test_loader_process_raises_the_data_error_with_its_traceback(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    with pytest.raises(DataSourceError, match="bad.parquet") as error:
+        next(iter(loader(local_web(tmp_path, loader="process"))))
+    assert any("raised in the data loader process" in note for note in error.value.__notes__)
+
+
+def test_loader_process_ends_when_the_training_process_is_killed():
+    """A SIGKILLed trainer runs no cleanup; its loader process must not linger (and burn CPU)."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from dataclasses import replace
+from test_data_pipeline import fixture_data, loader
+dl = loader(replace(fixture_data(), loader="process"))
+next(iter(dl))
+print(dl._root._process.pid, flush=True)
+sys.stdin.read()
+"""
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = int(trainer.stdout.readline())
+    os.kill(child, 0)  # alive while the trainer is
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and pid_alive(child):
+        time.sleep(0.2)
+    assert not pid_alive(child)
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def rows_per_step(its: list[Iterator], steps: int, microbatches: int = 1) -> list[list[list[int]]]:

@@ -117,6 +117,8 @@ class HybridTrainer(Trainer):
         loss_mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
         global_loss = dist_utils.dist_sum(local, loss_mesh)
         finite = bool(torch.isfinite(torch.tensor(global_loss)))
+        if finite and not self._record_path:
+            return  # fingerprints copy every row to the host: only when they are needed
         rows = [row_fingerprints(input_dict["input"]) for input_dict, _ in self._step_batches]
         if self._record_path:
             with open(self._record_path, "a") as f:

@@ -122,6 +122,10 @@ class HybridData:
     with ~350k tokens/s per core. The data does not depend on it."""
     worker_method: str = "thread"
     """``thread`` or ``process`` tokenizer workers."""
+    loader: str = "process"
+    """Where each rank's batches are produced ahead of the training loop: ``process`` (a child
+    process, so the loader's Python work never takes the training loop's GIL) or ``thread``
+    (starts faster; used by the tests). The data does not depend on it."""
     skip_bad_shards: bool = False
     """Skip (and count, in the log) shards that cannot be read or lack a field, instead of failing."""
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch
+from titan_hybrid.ops.common import chunk_recurrence_torch, resets_to_cu_seqlens
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
-    from fla.ops.gla import chunk_gla as _fla_chunk_gla
+    from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
+    from fla.ops.gla.chunk import chunk_gla_fwd as _fla_gla_fwd
+    from fla.ops.utils import prepare_chunk_indices
 except ImportError:  # pragma: no cover - exercised only without fla installed
-    _fla_chunk_gla = None
+    _fla_gla_fwd = None
 
 
 def chunk_gla_torch(
@@ -45,6 +47,100 @@ def chunk_gla(
     resets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GLA forward on the best backend for the tensors' device."""
-    if q.is_cuda and _fla_chunk_gla is not None:
-        return call_fla(_fla_chunk_gla, q, k, v, g, resets=resets, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.is_cuda and _fla_gla_fwd is not None:
+        return fla_chunk_gla(q, k, v, g, scale, resets)[0]
     return chunk_gla_torch(q, k, v, g, scale=scale, resets=resets)
+
+
+# fla's GLA kernels as torch.library custom ops: torch.compile keeps them as opaque
+# nodes inside the block's graph, instead of splitting the block at a graph break
+# around fla's (compiler-disabled) autograd Function. Same kernels and the same
+# forward / backward split as fla's ChunkGLAFunction; g's chunk cumsum (fp32) and
+# the intra-chunk scores A are kept for the backward, the states h are recomputed.
+
+
+def _chunk_size(T: int) -> int:
+    """fla ChunkGLAFunction's choice: the next power of two of T, within [16, 64]."""
+    return min(64, max(16, 1 << (T - 1).bit_length()))
+
+
+def _fla_layout(resets: torch.Tensor | None, *tensors: torch.Tensor):
+    """Rows flattened into one packed sequence with its cu_seqlens / chunk indices (varlen), or as they are."""
+    T = tensors[0].shape[1] if resets is None else tensors[0].shape[0] * tensors[0].shape[1]
+    chunk_size = _chunk_size(T)
+    if resets is None:
+        return [t.contiguous() for t in tensors], None, None, chunk_size
+    cu_seqlens = resets_to_cu_seqlens(resets)
+    flat = [t.reshape(1, T, *t.shape[2:]).contiguous() for t in tensors]
+    return flat, cu_seqlens, prepare_chunk_indices(cu_seqlens, chunk_size), chunk_size
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gla", mutates_args=(), device_types="cuda")
+def fla_chunk_gla(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, resets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fla's chunk GLA forward: ``(o, g_cumsum, A)``; the last two are saved for the backward."""
+    shape = v.shape
+    (q, k, v, g), cu_seqlens, chunk_indices, chunk_size = _fla_layout(resets, q, k, v, g)
+    with torch.cuda.device(q.device):
+        g_cumsum, A, _, _, o = _fla_gla_fwd(
+            q, k, v, g, None, scale, None, False,
+            cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
+        )  # fmt: skip
+    return o.reshape(shape), g_cumsum, A
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gla_bwd", mutates_args=(), device_types="cuda")
+def fla_chunk_gla_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cumsum: torch.Tensor,
+    A: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    resets: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dg)`` of ``fla_chunk_gla``'s output ``o``."""
+    shapes = [t.shape for t in (q, k, v)]
+    (q, k, v, do), cu_seqlens, chunk_indices, chunk_size = _fla_layout(resets, q, k, v, do)
+    with torch.cuda.device(q.device):
+        dq, dk, dv, dg, _ = _fla_gla_bwd(
+            q, k, v, None, g_cumsum, scale, None, None, A, do, None,
+            cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
+        )  # fmt: skip
+    dq, dk, dv = (d.to(x.dtype).reshape(shape) for d, x, shape in zip((dq, dk, dv), (q, k, v), shapes))
+    return dq, dk, dv, dg.to(g_cumsum.dtype).reshape(shapes[0])
+
+
+@fla_chunk_gla.register_fake
+def _(q, k, v, g, scale, resets):
+    B, T, H, _ = q.shape
+    chunk_size = _chunk_size(T if resets is None else B * T)
+    lead = (B, T) if resets is None else (1, B * T)
+    return v.new_empty(v.shape), g.new_empty(*lead, H, g.shape[-1], dtype=torch.float), q.new_empty(
+        *lead, H, chunk_size, dtype=torch.float
+    )
+
+
+@fla_chunk_gla_bwd.register_fake
+def _(q, k, v, g_cumsum, A, do, scale, resets):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape, dtype=g_cumsum.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, scale, resets = inputs
+    _, g_cumsum, A = output
+    ctx.save_for_backward(q, k, v, g_cumsum, A, resets)
+    ctx.scale, ctx.g_dtype = scale, g.dtype
+    ctx.mark_non_differentiable(g_cumsum, A)
+
+
+def _backward(ctx, do, _dg_cumsum, _dA):
+    q, k, v, g_cumsum, A, resets = ctx.saved_tensors
+    dq, dk, dv, dg = fla_chunk_gla_bwd(q, k, v, g_cumsum, A, do, ctx.scale, resets)
+    return dq, dk, dv, dg.to(ctx.g_dtype), None, None
+
+
+fla_chunk_gla.register_autograd(_backward, setup_context=_setup_context)

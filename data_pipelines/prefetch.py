@@ -1,0 +1,141 @@
+"""Producing a rank's batches in a child process, so the loader's Python work never takes the trainer's GIL.
+
+A torchdata ``Prefetcher`` runs its source in a thread of the training process. The
+packing and shuffling are Python code, and a thread that holds the GIL for a few
+milliseconds at a time stalls the training loop's kernel launches while the GPU waits
+(BENCHMARKS.md, issue 7). ``ProcessPrefetcher`` is the same node with the source in a
+spawned process: it builds the source there from a picklable factory, hands out items
+in order, and its state has a ``Prefetcher``'s layout (the source's state taken right
+after the last item handed out), so a checkpoint of either kind loads into the other.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torchdata.nodes import BaseNode
+
+T = TypeVar("T")
+
+# Seconds between checks that the other side is still alive while waiting.
+_POLL_S = 1.0
+
+
+class ProcessPrefetcher(BaseNode[T]):
+    """Runs ``build()``'s node in one child process, up to ``prefetch`` items ahead.
+
+    ``build`` must be picklable (a module-level function or a ``functools.partial`` of
+    one): the child imports and builds the node itself, as a spawned process must. An
+    exception in the child is raised here again, with the child's traceback as a note.
+    """
+
+    # torchdata's Prefetcher state keys; every item is a snapshot here.
+    SNAPSHOT, STEPS_SINCE_SNAPSHOT = "snapshot", "steps_since_snapshot"
+
+    def __init__(self, build: Callable[[], BaseNode[T]], prefetch: int):
+        super().__init__()
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.build, self.prefetch = build, prefetch
+        self._process: mp.process.BaseProcess | None = None
+        self._source_state: dict[str, Any] | None = None
+
+    def reset(self, initial_state: dict[str, Any] | None = None):
+        super().reset(initial_state)
+        self.shutdown()
+        if initial_state is not None and initial_state[self.STEPS_SINCE_SNAPSHOT]:
+            raise ValueError("ProcessPrefetcher loads only states snapshotted at the last item handed out")
+        self._source_state = None  # the child sends the source's state once it is built
+        initial = initial_state[self.SNAPSHOT] if initial_state is not None else None
+        context = mp.get_context("spawn")
+        self._queue = context.Queue(maxsize=self.prefetch)
+        self._process = context.Process(
+            target=_produce,
+            args=(self.build, initial, self._queue, os.getpid()),
+            name="titan_hybrid-data",
+            daemon=True,
+        )
+        self._process.start()
+
+    def next(self) -> T:
+        kind, item = self._receive()
+        if kind == "start":
+            kind, item = self._receive()
+        if kind == "end":
+            raise StopIteration
+        return item
+
+    def get_state(self) -> dict[str, Any]:
+        if self._source_state is None:  # not started yet: its first message is the starting state
+            kind, _ = self._receive()
+            assert kind == "start", kind
+        return {self.SNAPSHOT: self._source_state, self.STEPS_SINCE_SNAPSHOT: 0}
+
+    def _receive(self) -> tuple[str, T | None]:
+        """The child's next message; keeps the source state that came with it."""
+        while True:
+            try:
+                kind, payload, state = pickle.loads(self._queue.get(timeout=_POLL_S))
+                break
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(
+                        f"the data loader process ({self._process.name}) exited with code "
+                        f"{self._process.exitcode} before producing the next batch"
+                    ) from None
+        if kind == "error":
+            raise payload
+        if state is not None:
+            self._source_state = state
+        return kind, payload
+
+    def shutdown(self) -> None:
+        """Stop the child (it holds nothing that needs a clean exit)."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._process = None
+
+    def __del__(self):
+        self.shutdown()
+
+
+def _produce(build: Callable[[], BaseNode[T]], state: dict[str, Any] | None, out: mp.Queue, parent: int) -> None:
+    """Child process: put ``(kind, item, state after it)`` tuples until the source ends or fails."""
+
+    out.cancel_join_thread()  # at exit, never wait to flush items that no one will read
+
+    def put(message: tuple) -> bool:
+        # Pickled here, by value: tensors shared through file descriptors would need this
+        # process alive until the trainer has read them.
+        message = pickle.dumps(message)
+        while os.getppid() == parent:  # a parent killed with SIGKILL leaves no one to read
+            try:
+                out.put(message, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        node = build()
+        node.reset(state)
+        if not put(("start", None, node.state_dict())):
+            return
+        for item in node:
+            if not put(("item", item, node.state_dict())):
+                return
+        put(("end", None, None))
+    except Exception as error:  # noqa: BLE001 - every failure goes back to the training process
+        error.add_note(f"raised in the data loader process:\n{traceback.format_exc()}")
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001 - an exception that cannot travel goes back as text
+            error = RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        put(("error", error, None))

@@ -40,10 +40,10 @@ class ProcessPrefetcher(BaseNode[T]):
 
     def __init__(self, build: Callable[[], BaseNode[T]], prefetch: int):
         super().__init__()
+        self._process: mp.process.BaseProcess | None = None
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.build, self.prefetch = build, prefetch
-        self._process: mp.process.BaseProcess | None = None
         self._source_state: dict[str, Any] | None = None
 
     def reset(self, initial_state: dict[str, Any] | None = None):
@@ -108,7 +108,6 @@ class ProcessPrefetcher(BaseNode[T]):
 
 def _produce(build: Callable[[], BaseNode[T]], state: dict[str, Any] | None, out: mp.Queue, parent: int) -> None:
     """Child process: put ``(kind, item, state after it)`` tuples until the source ends or fails."""
-
     out.cancel_join_thread()  # at exit, never wait to flush items that no one will read
 
     def put(message: tuple) -> bool:

@@ -69,3 +69,13 @@ def test_document_resets_equal_separate_sequences():
 def test_resets_to_cu_seqlens():
     resets = torch.tensor([[False, False, True, False], [True, False, False, True]])
     assert resets_to_cu_seqlens(resets).tolist() == [0, 2, 4, 7, 8]
+
+
+def test_cu_seqlens_is_found_once_per_batch():
+    """Every layer gets the same cu_seqlens object for one batch's resets (one host sync), a new batch its own."""
+    resets = torch.tensor([[False, True, False, False]])
+    first = resets_to_cu_seqlens(resets)
+    assert resets_to_cu_seqlens(resets) is first
+    next_batch = torch.tensor([[False, False, False, True]])
+    assert resets_to_cu_seqlens(next_batch).tolist() == [0, 3, 4]
+    assert first.tolist() == [0, 1, 4]

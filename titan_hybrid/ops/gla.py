@@ -88,7 +88,7 @@ def fla_chunk_gla(
             q, k, v, g, None, scale, None, False,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
         )  # fmt: skip
-    return o.reshape(shape), g_cumsum, A
+    return o.reshape(shape), g_cumsum.float(), A  # fp32 whatever g's dtype, as the fake declares
 
 
 @torch.library.custom_op("titan_hybrid::fla_chunk_gla_bwd", mutates_args=(), device_types="cuda")

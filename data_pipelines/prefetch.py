@@ -11,12 +11,16 @@ after the last item handed out), so a checkpoint of either kind loads into the o
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours (see _stop_children)
 import os
 import pickle
 import queue
 import traceback
+import weakref
 from collections.abc import Callable
+from multiprocessing.synchronize import Event
 from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
@@ -25,6 +29,19 @@ T = TypeVar("T")
 
 # Seconds between checks that the other side is still alive while waiting.
 _POLL_S = 1.0
+# Seconds a stopping child gets to finish the item in hand and exit by itself.
+_STOP_WAIT_S = 10.0
+
+
+# Loaders with a running child. At exit they stop their children before multiprocessing's
+# own exit handler (registered earlier, so run later) would kill them.
+_RUNNING: weakref.WeakSet[ProcessPrefetcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_children() -> None:
+    for prefetcher in list(_RUNNING):
+        prefetcher.shutdown()
 
 
 class ProcessPrefetcher(BaseNode[T]):
@@ -54,14 +71,15 @@ class ProcessPrefetcher(BaseNode[T]):
         self._source_state = None  # the child sends the source's state once it is built
         initial = initial_state[self.SNAPSHOT] if initial_state is not None else None
         context = mp.get_context("spawn")
-        self._queue = context.Queue(maxsize=self.prefetch)
+        self._queue, self._stop = context.Queue(maxsize=self.prefetch), context.Event()
         self._process = context.Process(
             target=_produce,
-            args=(self.build, initial, self._queue, os.getpid()),
+            args=(self.build, initial, self._queue, self._stop, os.getpid()),
             name="titan_hybrid-data",
             daemon=True,
         )
         self._process.start()
+        _RUNNING.add(self)
 
     def next(self) -> T:
         kind, item = self._receive()
@@ -96,25 +114,33 @@ class ProcessPrefetcher(BaseNode[T]):
         return kind, payload
 
     def shutdown(self) -> None:
-        """Stop the child (it holds nothing that needs a clean exit)."""
+        """Stop the child: asked first, so that it exits through its own clean-up (killed
+        processes leave their semaphores to the resource tracker, which warns about them)."""
         if self._process is not None and self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
+            self._stop.set()
+            self._process.join(timeout=_STOP_WAIT_S)
+            if self._process.is_alive():  # busy producing an item for longer
+                self._process.terminate()
+                self._process.join()
         self._process = None
 
     def __del__(self):
         self.shutdown()
 
 
-def _produce(build: Callable[[], BaseNode[T]], state: dict[str, Any] | None, out: mp.Queue, parent: int) -> None:
-    """Child process: put ``(kind, item, state after it)`` tuples until the source ends or fails."""
+def _produce(
+    build: Callable[[], BaseNode[T]], state: dict[str, Any] | None, out: mp.Queue, stop: Event, parent: int
+) -> None:
+    """Child process: put ``(kind, item, state after it)`` tuples until the source ends or fails, or until
+    asked to stop."""
     out.cancel_join_thread()  # at exit, never wait to flush items that no one will read
 
     def put(message: tuple) -> bool:
         # Pickled here, by value: tensors shared through file descriptors would need this
         # process alive until the trainer has read them.
         message = pickle.dumps(message)
-        while os.getppid() == parent:  # a parent killed with SIGKILL leaves no one to read
+        # A parent killed with SIGKILL leaves no one to read (and no one to set ``stop``).
+        while os.getppid() == parent and not stop.is_set():
             try:
                 out.put(message, timeout=_POLL_S)
                 return True

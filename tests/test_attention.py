@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from titan_hybrid.models.hybrid import hybrid_flavors
-from titan_hybrid.models.hybrid.attention import Attention, apply_rope, attention_mask, rope_cache
+from titan_hybrid.models.hybrid import HybridLM
+from titan_hybrid.models.hybrid.attention import Attention, apply_rope, attention_mask, flex_block_mask, rope_cache
 
 
 def _reference_rope(x, positions, theta):
@@ -127,3 +128,20 @@ def test_sink_gets_gradient_and_plain_causal_needs_no_mask():
     layer(x, rope, torch.arange(12).expand(2, 12), None).square().sum().backward()
     assert layer.sink_k.grad.abs().sum() > 0
     assert attention_mask(12, None, window=0, sink=False, device=x.device) is None
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_flex_block_mask_computes_the_sdpa_masked_attention(window):
+    """attn_type = "flex": documents and window as a FlexAttention block mask (GQA, 2 docs per row).
+
+    Forward only: PyTorch's FlexAttention has no CPU backward, so on CPU the model keeps the
+    SDPA path (get_attention_masks returns None) and this checks the masks it would use on CUDA.
+    """
+    args, layer, x, rope = _layer_and_inputs(4, attn_window=window, attn_type="flex")
+    doc_ids = (DOC_POSITIONS == 0).cumsum(dim=1)
+    with torch.no_grad():
+        expected = layer(x, rope, DOC_POSITIONS, doc_ids)
+        flex = layer(x, rope, DOC_POSITIONS, doc_ids, flex_block_mask(doc_ids, window, x.shape[1]))
+    torch.testing.assert_close(flex, expected, atol=1e-5, rtol=1e-5)
+    model = HybridLM(args)
+    assert model.get_attention_masks(DOC_POSITIONS, None, {"positions": DOC_POSITIONS}) is None  # CPU: SDPA

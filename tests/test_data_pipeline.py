@@ -191,6 +191,20 @@ sys.stdin.read()
     assert not pid_alive(child)
 
 
+def test_loader_process_stops_cleanly_at_exit():
+    """Asked to stop, the child exits by itself: a killed one leaves semaphores the tracker warns about."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from dataclasses import replace
+from test_data_pipeline import fixture_data, loader
+next(iter(loader(replace(fixture_data(), loader="process"))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "leaked" not in done.stderr, done.stderr
+
+
 def pid_alive(pid: int) -> bool:
     """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
     try:

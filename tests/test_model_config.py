@@ -49,6 +49,8 @@ def test_tied_embeddings_are_one_parameter():
         ({"delta_expand_v": 0.3}, "delta_expand_v"),
         ({"conv_size": 0}, "conv_size"),
         ({"kla_eps": 0.0}, "kla_eps"),
+        ({"attn_type": "varlen"}, "attn_type"),
+        ({"attn_type": "flex", "attn_sink": True}, "attn_type"),
     ],
 )
 def test_bad_configs_name_the_field(changes, field):

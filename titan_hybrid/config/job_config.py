@@ -34,6 +34,8 @@ class HybridModel:
     attn_sink: bool | None = None
     attn_window: int | None = None
     """Sliding-window attention length in tokens; 0 = full causal."""
+    attn_type: str | None = None
+    """``sdpa`` or ``flex`` (FlexAttention block masks for documents / windows on CUDA)."""
     output_softcap: float | None = None
     """``cap * tanh(logits / cap)`` on the output logits; 0 = off."""
     loss_chunk_tokens: int | None = None

@@ -51,6 +51,11 @@ class HybridModelArgs(BaseModelArgs):
     """A learned key per KV head that every query attends to, with a zero value (an attention sink)."""
     attn_window: int = 0
     """Sliding window: a query sees itself and the ``attn_window - 1`` tokens before it; 0 = full causal."""
+    attn_type: str = "sdpa"
+    """``sdpa`` (a boolean mask for documents / windows) or ``flex``: on CUDA, documents and windows go
+    through FlexAttention with a block mask that skips the masked blocks, built once per micro-batch
+    by TorchTitan's trainer (``get_attention_masks``); plain causal attention and the CPU keep the
+    SDPA path (the same function). ``flex`` has no attention sink."""
     output_softcap: float = 0.0
     """Soft-cap the output logits to ``cap * tanh(logits / cap)``; 0 = off."""
     loss_chunk_tokens: int = 0
@@ -88,6 +93,10 @@ class HybridModelArgs(BaseModelArgs):
         for field in ("rope_dims", "attn_window", "output_softcap", "delta_head_dim", "loss_chunk_tokens"):
             if getattr(self, field) < 0:
                 fail(field, f"must be >= 0 (0 = off / default), got {getattr(self, field)}")
+        if self.attn_type not in ("sdpa", "flex"):
+            fail("attn_type", f"is {self.attn_type!r}; known: 'sdpa', 'flex'")
+        if self.attn_type == "flex" and self.attn_sink:
+            fail("attn_type", "= 'flex' cannot have attn_sink (a key outside the sequence); use 'sdpa'")
         if self.mlp not in MLPS:
             fail("mlp", f"is {self.mlp!r}; known: {MLPS}")
         unknown = sorted(set(self.pattern) - set(MIXERS))

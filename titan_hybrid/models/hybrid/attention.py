@@ -1,7 +1,9 @@
 """Causal softmax attention with grouped-query heads and rotary positions, through SDPA.
 
 Options (``HybridModelArgs``): partial RoPE (``rope_dims``), a learned attention sink
-(``attn_sink``) and a sliding window (``attn_window``), each combined with document masking.
+(``attn_sink``) and a sliding window (``attn_window``), each combined with document masking;
+``attn_type = "flex"`` runs documents and windows through FlexAttention on CUDA (TorchTitan's
+wrapper), which skips fully masked blocks instead of masking a dense score matrix.
 """
 
 from __future__ import annotations
@@ -9,6 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, and_masks
+from torchtitan.models.attention import (
+    FlexAttentionWrapper,
+    create_attention_mask,
+    get_causal_mask_mod,
+    get_sliding_window_mask_mod,
+)
 
 from .args import HybridModelArgs
 
@@ -31,6 +40,22 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> 
     x1, x2 = x[..., :n].float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return torch.cat([rotated.type_as(x), x[..., n:]], dim=-1)
+
+
+def flex_block_mask(doc_ids: torch.Tensor | None, window: int, T: int) -> BlockMask:
+    """FlexAttention's block mask for causal attention within documents (``doc_ids [B, T]``) and
+    the window; one per micro-batch, shared by every attention layer."""
+    mask_mods = [get_causal_mask_mod()]
+    if window:
+        mask_mods.append(get_sliding_window_mask_mod(window))
+    if doc_ids is not None:
+
+        def same_document(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return doc_ids[b, q] == doc_ids[b, kv]
+
+        mask_mods.append(same_document)
+    batch = doc_ids.shape[0] if doc_ids is not None else 1
+    return create_attention_mask(and_masks(*mask_mods), batch, None, T, T)
 
 
 def attention_mask(
@@ -63,6 +88,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         # One learned key per KV head, no position; its value is 0, so it only absorbs softmax mass.
         self.sink_k = nn.Parameter(torch.empty(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
+        self.flex = FlexAttentionWrapper()
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -77,7 +103,9 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         positions: torch.Tensor,
         doc_ids: torch.Tensor | None,
+        block_mask: BlockMask | None = None,
     ) -> torch.Tensor:
+        """``block_mask`` (``attn_type = "flex"`` on CUDA) replaces the SDPA mask built from ``doc_ids``."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope, positions)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
@@ -87,8 +115,11 @@ class Attention(nn.Module):
             sink_k = self.sink_k.to(k.dtype).expand(B, -1, -1).unsqueeze(2)  # [B, KV, 1, D]
             k = torch.cat([sink_k, k], dim=2)
             v = F.pad(v, (0, 0, 1, 0))
-        mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
         gqa = self.n_heads != self.n_kv_heads
+        if block_mask is not None:
+            o = self.flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+            return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+        mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:

@@ -7,12 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from torchtitan.protocols.model import ModelProtocol
 
 from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 
 from .args import MIXERS, MLPS, HybridModelArgs
-from .attention import Attention, rope_cache
+from .attention import Attention, flex_block_mask, rope_cache
 from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
 
@@ -87,10 +88,11 @@ class HybridBlock(nn.Module):
         positions: torch.Tensor,
         doc_ids: torch.Tensor | None,
         resets: torch.Tensor | None,
+        block_mask: BlockMask | None = None,
     ) -> torch.Tensor:
         h = self.mixer_norm(x)
         if self.mixer_kind == "A":
-            x = x + self.mixer(h, rope, positions, doc_ids)
+            x = x + self.mixer(h, rope, positions, doc_ids, block_mask)
         else:
             x = x + self.mixer(h, resets)
         return x + self.mlp(self.mlp_norm(x))
@@ -130,11 +132,31 @@ class HybridLM(ModelProtocol):
             block.init_weights(std, out_std)
         self.norm.reset_parameters()
 
+    def get_attention_masks(
+        self, input_batch: torch.Tensor, tokenizer: object, extra_inputs: dict[str, torch.Tensor] | None = None
+    ) -> BlockMask | None:
+        """TorchTitan's trainer calls this once per micro-batch when ``attn_type = "flex"``: the
+        FlexAttention block mask of the batch's documents (from ``positions``) and window. None
+        (attention takes the SDPA path) on CPU, and for plain causal attention, where SDPA's
+        causal flash kernel needs no mask."""
+        positions = (extra_inputs or {}).get("positions")
+        doc_ids = None
+        if positions is not None and self.model_args.document_masking:
+            doc_ids = (positions == 0).cumsum(dim=1)
+        if input_batch.device.type != "cuda" or (doc_ids is None and not self.model_args.attn_window):
+            return None
+        return flex_block_mask(doc_ids, self.model_args.attn_window, input_batch.shape[1])
+
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_masks: BlockMask | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``labels``, the summed loss of the fused output projection
-        instead (``loss_chunk_tokens`` tokens at a time; 0 = all at once)."""
+        instead (``loss_chunk_tokens`` tokens at a time; 0 = all at once). ``attention_masks``:
+        ``get_attention_masks``' block mask (``attn_type = "flex"``)."""
         B, T = tokens.shape
         doc_ids = resets = None
         if positions is None or not self.model_args.document_masking:
@@ -144,7 +166,7 @@ class HybridLM(ModelProtocol):
             doc_ids = resets.cumsum(dim=1)
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
-            h = block(h, self.rope, positions, doc_ids, resets)
+            h = block(h, self.rope, positions, doc_ids, resets, attention_masks)
         h = self.norm(h)
         cap = self.model_args.output_softcap
         if labels is not None:

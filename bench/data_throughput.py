@@ -17,16 +17,15 @@ import time
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import ConfigManager
 
-from data_pipelines.dataloader import build_batches
+from data_pipelines.dataloader import build_batches, streams_of_rank
 
 
 def measure(job_config, tokenizer: HuggingFaceTokenizer, args: argparse.Namespace, workers: int) -> float:
     """Tokens/s after a warm-up (which fills the shuffle buffer)."""
     data = job_config.hybrid_data
     data.num_workers, data.worker_method = workers, args.method
-    batches = build_batches(
-        data, tokenizer.tokenizer, tokenizer.eos_id, args.seq_len, args.batch_size, dp_rank=0, dp_world_size=1
-    )
+    stream_ids = streams_of_rank(data.streams, dp_rank=0, dp_world_size=1, local_batch_size=args.batch_size)
+    batches = build_batches(data, tokenizer.tokenizer, tokenizer.eos_id, args.seq_len, args.batch_size, stream_ids)
     batches.reset()
     for _ in range(args.warmup):
         next(batches)

@@ -36,8 +36,8 @@ from torchtitan.config import JobConfig
 
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
 
-from .prefetch import ProcessPrefetcher
 from .packing import Encoder, Packer, Row, check_special_tokens, collate
+from .prefetch import ProcessPrefetcher
 from .shuffle import ShuffleBuffer
 from .sources import Doc, ShardSource, list_shards, reasoning_doc, text_doc
 
@@ -167,11 +167,11 @@ def build_batches(
     eos_id: int,
     seq_len: int,
     batch_size: int,
-    dp_rank: int,
-    dp_world_size: int,
+    stream_ids: list[int],
     prefetch: int = 2,
 ) -> Prefetcher[Batch] | ProcessPrefetcher[Batch]:
-    """The rank's batches, produced up to ``prefetch`` ahead by one background thread or process.
+    """A rank's batches (of its ``streams_of_rank``), produced up to ``prefetch`` ahead by one
+    background thread or process.
 
     One producer for all of the rank's streams: a thread per stream measured 16% slower
     training on an H100 (8 streams; BENCHMARKS.md), its Python threads taking the GIL
@@ -180,7 +180,6 @@ def build_batches(
     """
     if data.reasoning.weight > 0:
         check_special_tokens(tokenizer)
-    stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, batch_size)
     build = partial(build_stream_batcher, data, tokenizer, eos_id, seq_len, batch_size, stream_ids)
     if data.loader == "process":
         return ProcessPrefetcher(build, prefetch)
@@ -196,9 +195,6 @@ class HybridDataLoader(BaseDataLoader):
     node state into many entries), keyed by stream so that any dp world size can load it.
     """
 
-    # A Prefetcher's state is the snapshot of its source taken with the last batch it handed out.
-    _PREFETCHED, _PREFETCH_STEPS = "snapshot", "steps_since_snapshot"
-
     def __init__(self, root: Prefetcher[Batch] | ProcessPrefetcher[Batch], num_streams: int, stream_ids: list[int]):
         self._root = root
         self._loader = Loader(root)
@@ -209,8 +205,9 @@ class HybridDataLoader(BaseDataLoader):
         return iter(self._loader)
 
     def state_dict(self) -> dict[str, Any]:
+        # Either prefetcher's state is the snapshot of its source taken with the last batch handed out.
         prefetched = self._loader.state_dict()[LoaderIterator.ROOT_KEY]
-        streams = prefetched[self._PREFETCHED][StreamBatcher.STREAMS]
+        streams = prefetched[ProcessPrefetcher.SNAPSHOT][StreamBatcher.STREAMS]
         state: dict[str, Any] = {STREAM_KEY.format(i): pickle.dumps(s) for i, s in streams.items()}
         state[NUM_STREAMS_KEY] = self.num_streams
         return state
@@ -228,7 +225,10 @@ class HybridDataLoader(BaseDataLoader):
         if missing:
             raise KeyError(f"dataloader state has no entry for stream(s) {missing}")
         streams = {i: pickle.loads(state_dict[STREAM_KEY.format(i)]) for i in self.stream_ids}
-        prefetched = {self._PREFETCHED: {StreamBatcher.STREAMS: streams}, self._PREFETCH_STEPS: 0}
+        prefetched = {
+            ProcessPrefetcher.SNAPSHOT: {StreamBatcher.STREAMS: streams},
+            ProcessPrefetcher.STEPS_SINCE_SNAPSHOT: 0,
+        }
         # A fresh Loader: DCP calls state_dict() first (as a template), and a torchdata Loader
         # hands the iterator made for that to the next iter() without applying loaded state.
         self._loader = Loader(self._root)
@@ -248,15 +248,14 @@ def build_hybrid_dataloader(
     # TorchTitan takes a whole step's micro-batches at its start: keep two steps' worth ready.
     rows_per_step = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size
     micro_batches = max(1, rows_per_step // (training.local_batch_size * dp_world_size))
+    stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, training.local_batch_size)
     root = build_batches(
         data,
         tokenizer.tokenizer,
         tokenizer.eos_id,
         seq_len=training.seq_len,
         batch_size=training.local_batch_size,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
+        stream_ids=stream_ids,
         prefetch=2 * micro_batches,
     )
-    stream_ids = streams_of_rank(data.streams, dp_rank, dp_world_size, training.local_batch_size)
     return HybridDataLoader(root, data.streams, stream_ids)

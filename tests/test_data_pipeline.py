@@ -41,8 +41,8 @@ def fixture_data(web=0.5, code=0.25, reasoning=0.25, **kw) -> HybridData:
 
 
 def loader(data: HybridData, rank: int = 0, world: int = 1, batch: int = BATCH) -> HybridDataLoader:
-    root = build_batches(data, TOKENIZER, EOS, SEQ_LEN, batch, rank, world)
-    return HybridDataLoader(root, data.streams, streams_of_rank(data.streams, rank, world, batch))
+    stream_ids = streams_of_rank(data.streams, rank, world, batch)
+    return HybridDataLoader(build_batches(data, TOKENIZER, EOS, SEQ_LEN, batch, stream_ids), data.streams, stream_ids)
 
 
 def take(it, n: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:

@@ -144,6 +144,16 @@ def resets_to_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
+def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """fla's varlen layout: ``[B, T, ...]`` rows flattened into one packed sequence (fla's varlen
+    mode wants batch 1) with its ``cu_seqlens``, the row starts plus the document starts; without
+    ``resets`` the tensors as they are and no ``cu_seqlens``."""
+    if resets is None:
+        return list(tensors), None
+    B, T = tensors[0].shape[:2]
+    return [x.reshape(1, B * T, *x.shape[2:]) for x in tensors], resets_to_cu_seqlens(resets)
+
+
 @torch.compiler.disable
 def call_fla(
     kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
@@ -151,15 +161,10 @@ def call_fla(
     resets: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Run an fla chunk kernel on ``[B, T, H, ...]`` tensors, resets as varlen ``cu_seqlens``.
+    """Run an fla chunk kernel on ``[B, T, H, ...]`` tensors, resets as varlen ``cu_seqlens`` (``pack_rows``).
 
-    fla's varlen mode wants batch 1, so rows are flattened into one packed
-    sequence whose boundaries are the row starts plus the document starts.
     Kept out of torch.compile graphs: Triton autotuned kernels are opaque to Dynamo.
     """
-    if resets is None:
-        return kernel(*tensors, **kwargs)[0]
-    B, T = tensors[0].shape[:2]
-    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
-    o, _ = kernel(*flat, cu_seqlens=resets_to_cu_seqlens(resets), **kwargs)
-    return o.reshape(B, T, *o.shape[2:])
+    flat, cu_seqlens = pack_rows(resets, *tensors)
+    o, _ = kernel(*flat, cu_seqlens=cu_seqlens, **kwargs)
+    return o.reshape(*tensors[0].shape[:2], *o.shape[2:])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import chunk_recurrence_torch, resets_to_cu_seqlens
+from titan_hybrid.ops.common import chunk_recurrence_torch, pack_rows
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
@@ -66,14 +66,11 @@ def _chunk_size(T: int) -> int:
 
 
 def _fla_layout(resets: torch.Tensor | None, *tensors: torch.Tensor):
-    """Rows flattened into one packed sequence with its cu_seqlens / chunk indices (varlen), or as they are."""
-    T = tensors[0].shape[1] if resets is None else tensors[0].shape[0] * tensors[0].shape[1]
-    chunk_size = _chunk_size(T)
-    if resets is None:
-        return [t.contiguous() for t in tensors], None, None, chunk_size
-    cu_seqlens = resets_to_cu_seqlens(resets)
-    flat = [t.reshape(1, T, *t.shape[2:]).contiguous() for t in tensors]
-    return flat, cu_seqlens, prepare_chunk_indices(cu_seqlens, chunk_size), chunk_size
+    """``pack_rows``' layout, contiguous, with fla's chunk size and (varlen) chunk indices."""
+    flat, cu_seqlens = pack_rows(resets, *tensors)
+    chunk_size = _chunk_size(flat[0].shape[1])
+    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    return [t.contiguous() for t in flat], cu_seqlens, chunk_indices, chunk_size
 
 
 @torch.library.custom_op("titan_hybrid::fla_chunk_gla", mutates_args=(), device_types="cuda")

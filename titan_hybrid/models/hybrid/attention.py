@@ -118,10 +118,7 @@ class Attention(nn.Module):
         gqa = self.n_heads != self.n_kv_heads
         if block_mask is not None:
             o = self.flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-            return self.wo(o.transpose(1, 2).reshape(B, T, -1))
-        mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))

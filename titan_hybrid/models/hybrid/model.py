@@ -139,13 +139,18 @@ class HybridLM(ModelProtocol):
         FlexAttention block mask of the batch's documents (from ``positions``) and window. None
         (attention takes the SDPA path) on CPU, and for plain causal attention, where SDPA's
         causal flash kernel needs no mask."""
-        positions = (extra_inputs or {}).get("positions")
-        doc_ids = None
-        if positions is not None and self.model_args.document_masking:
-            doc_ids = (positions == 0).cumsum(dim=1)
+        _, doc_ids = self._documents((extra_inputs or {}).get("positions"))
         if input_batch.device.type != "cuda" or (doc_ids is None and not self.model_args.attn_window):
             return None
         return flex_block_mask(doc_ids, self.model_args.attn_window, input_batch.shape[1])
+
+    def _documents(self, positions: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(resets, doc_ids)`` of packed documents (a document starts where its position is 0),
+        or ``(None, None)`` without positions or document masking."""
+        if positions is None or not self.model_args.document_masking:
+            return None, None
+        resets = positions == 0
+        return resets, resets.cumsum(dim=1)
 
     def forward(
         self,
@@ -158,12 +163,9 @@ class HybridLM(ModelProtocol):
         instead (``loss_chunk_tokens`` tokens at a time; 0 = all at once). ``attention_masks``:
         ``get_attention_masks``' block mask (``attn_type = "flex"``)."""
         B, T = tokens.shape
-        doc_ids = resets = None
-        if positions is None or not self.model_args.document_masking:
+        resets, doc_ids = self._documents(positions)
+        if resets is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        else:
-            resets = positions == 0
-            doc_ids = resets.cumsum(dim=1)
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
             h = block(h, self.rope, positions, doc_ids, resets, attention_masks)

@@ -1,10 +1,9 @@
 """The hybrid LM registered as a TorchTitan train spec named ``hybrid``."""
 
 import torch
-
 from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.config import JobConfig
 from torchtitan.components.tokenizer import build_hf_tokenizer
+from torchtitan.config import JobConfig
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from data_pipelines.dataloader import build_hybrid_dataloader
@@ -29,6 +28,8 @@ def build_hybrid_loss(job_config: JobConfig, **kwargs):
         return pred if pred.ndim == 0 else cross_entropy(pred, labels)
 
     return loss_fn
+
+
 _registered: set[str] = set()
 
 

@@ -9,6 +9,11 @@ GLA has no erase term (b = 0, w = 1), Gated DeltaNet has a per-head decay and
 b = w = beta, GDN-2 has per-channel b and w. One chunked implementation serves
 all of them on CPU; on CUDA each op calls its fla kernel through ``call_fla``.
 
+Inference (``titan_hybrid.generate``) uses the same recurrence two more ways, as
+fla does: the chunked form returning each row's final state (the prompt's
+prefill), and one token at a time from that state (``recurrent_step_torch``,
+the readable reference of fla's ``fused_recurrent_*`` decode kernels).
+
 Document boundaries are given as ``resets`` [B, T] (True where a token starts
 a new document): the state is zeroed before such a token, exactly as fla's
 ``cu_seqlens`` varlen mode does on GPU.
@@ -48,8 +53,11 @@ def chunk_recurrence_torch(
     scale: float | None = None,
     resets: torch.Tensor | None = None,
     chunk_size: int = 16,
-) -> torch.Tensor:
-    """The recurrence above, chunked; returns ``[B, T, H, V]`` in ``v.dtype``.
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence above, chunked; returns ``[B, T, H, V]`` in ``v.dtype``, and with
+    ``output_final_state`` also the fp32 state ``[B, H, K, V]`` after each row's last token
+    (the state of the row's last document).
 
     q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K or 1]; erase gate b
     [B, T, H, K or 1] (None: no erase, i.e. GLA); write gate w [B, T, H, V or 1]
@@ -124,7 +132,36 @@ def chunk_recurrence_torch(
         v_new.append(v_n)
         S = state_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ v_n
     o = torch.stack(o_inter, dim=2) + decayed_scores(q, mask) @ torch.stack(v_new, dim=2)
-    return o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    return (o, S) if output_final_state else o
+
+
+def recurrent_step_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    state: torch.Tensor,
+    b: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One token of the recurrence: inputs ``[B, 1, H, *]`` as in ``chunk_recurrence_torch``,
+    ``state`` fp32 ``[B, H, K, V]``, updated in place; returns ``o [B, 1, H, V]`` in ``v.dtype``.
+
+    Written as fla's recurrent kernels do: decay, then ``v_new = w * v - (b * k)^T S``
+    (the erase read from the decayed state), then the rank-one write ``S += k v_new^T``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = v.dtype
+    q, k, v, g = (t[:, 0].float() for t in (q, k, v, g))  # [B, H, *]
+    S = state * g.exp().unsqueeze(-1)
+    u = v if w is None else v * w[:, 0].float()
+    if b is not None:
+        u = u - ((b[:, 0].float() * k).unsqueeze(-2) @ S).squeeze(-2)
+    S = S + k.unsqueeze(-1) * u.unsqueeze(-2)
+    state.copy_(S)
+    return (scale * (q.unsqueeze(-2) @ S)).transpose(1, 2).to(dtype)
 
 
 @tensor_cache
@@ -154,17 +191,34 @@ def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list
     return [x.reshape(1, B * T, *x.shape[2:]) for x in tensors], resets_to_cu_seqlens(resets)
 
 
+def last_document_of_rows(resets: torch.Tensor) -> torch.Tensor:
+    """Index, among ``pack_rows``' varlen segments, of each row's last segment ``[B]``."""
+    segments = resets.clone()
+    segments[:, 0] = True
+    return segments.sum(dim=1).cumsum(dim=0) - 1
+
+
 @torch.compiler.disable
 def call_fla(
     kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
     *tensors: torch.Tensor,
     resets: torch.Tensor | None = None,
+    output_final_state: bool = False,
     **kwargs,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run an fla chunk kernel on ``[B, T, H, ...]`` tensors, resets as varlen ``cu_seqlens`` (``pack_rows``).
 
-    Kept out of torch.compile graphs: Triton autotuned kernels are opaque to Dynamo.
+    With ``output_final_state`` also each row's final state ``[B, H, K, V]`` (of its last
+    document: fla returns one per varlen segment). Kept out of torch.compile graphs:
+    Triton autotuned kernels are opaque to Dynamo.
     """
     flat, cu_seqlens = pack_rows(resets, *tensors)
-    o, _ = kernel(*flat, cu_seqlens=cu_seqlens, **kwargs)
-    return o.reshape(*tensors[0].shape[:2], *o.shape[2:])
+    if output_final_state:
+        kwargs["output_final_state"] = True
+    o, final_state = kernel(*flat, cu_seqlens=cu_seqlens, **kwargs)
+    o = o.reshape(*tensors[0].shape[:2], *o.shape[2:])
+    if not output_final_state:
+        return o
+    if cu_seqlens is not None:
+        final_state = final_state[last_document_of_rows(resets)]
+    return o, final_state

@@ -6,7 +6,8 @@ strength beta in (0, 1) per head and token):
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = scale * S_t^T q_t
 
 i.e. the shared recurrence of ``titan_hybrid.ops.common`` with a per-head decay
-and b = w = beta. Document boundaries are given as ``resets``.
+and b = w = beta. Document boundaries are given as ``resets``. Decoding one token
+from a prefilled state: ``fused_recurrent_gated_delta_rule`` (fla's kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import os
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm
+from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_fused_recurrent_gated_delta_rule
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gated_delta_rule = None
 
@@ -33,7 +35,8 @@ def chunk_gated_delta_rule_torch(
     resets: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
-) -> torch.Tensor:
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule in PyTorch (fp32); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H].
 
     The per-head decay makes the pairwise decays C x C instead of GLA's
@@ -43,8 +46,9 @@ def chunk_gated_delta_rule_torch(
         q, k = l2norm(q), l2norm(k)
     beta = beta.unsqueeze(-1)
     return chunk_recurrence_torch(
-        q, k, v, g.unsqueeze(-1), b=beta, w=beta, scale=scale, resets=resets, chunk_size=chunk_size
-    )
+        q, k, v, g.unsqueeze(-1), b=beta, w=beta, scale=scale, resets=resets, chunk_size=chunk_size,
+        output_final_state=output_final_state,
+    )  # fmt: skip
 
 
 def chunk_gated_delta_rule(
@@ -56,17 +60,45 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     resets: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
-) -> torch.Tensor:
-    """Gated delta rule forward on the best backend for the tensors' device.
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gated delta rule forward on the best backend for the tensors' device (and, with
+    ``output_final_state``, each row's final fp32 state ``[B, H, K, V]``).
 
     On Hopper GPUs call ``require_exact_gated_delta_backward`` before training.
     """
     if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
         return call_fla(
             _fla_chunk_gated_delta_rule, q, k, v, g, beta,
-            resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )
-    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm)
+            resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm, output_final_state=output_final_state,
+        )  # fmt: skip
+    return chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state
+    )
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """Decode one token: q, k [B,1,H,K], v [B,1,H,V], g, beta [B,1,H]; fp32 ``state`` updated in place."""
+    if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
+        o, new_state = _fla_fused_recurrent_gated_delta_rule(
+            q, k, v, g, beta=beta, scale=scale, initial_state=state, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )  # fmt: skip
+        state.copy_(new_state)
+        return o
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    beta = beta.unsqueeze(-1)
+    return recurrent_step_torch(q, k, v, g.unsqueeze(-1), state, b=beta, w=beta, scale=scale)
 
 
 def require_exact_gated_delta_backward() -> None:

@@ -8,16 +8,19 @@ erase gate b [K] and write gate w [V]:
 This is the shared recurrence of ``titan_hybrid.ops.common`` as is. fla's
 GDN-2 backward runs its own fused kernels (``chunk_gdn2_bwd``), not the
 ``chunk_bwd_dqkwg`` kernel behind fla issue #640, so it needs no Hopper guard.
+Decoding one token from a prefilled state: ``fused_recurrent_gdn2`` (fla's kernel
+of that name on CUDA, ``recurrent_step_torch`` elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm
+from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gdn2 import chunk_gdn2 as _fla_chunk_gdn2
+    from fla.ops.gdn2 import fused_recurrent_gdn2 as _fla_fused_recurrent_gdn2
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gdn2 = None
 
@@ -33,11 +36,14 @@ def chunk_gdn2_torch(
     resets: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 16,
-) -> torch.Tensor:
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked GDN-2 in PyTorch (fp32); q, k, g, b [B,T,H,K], v, w [B,T,H,V]."""
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    return chunk_recurrence_torch(q, k, v, g, b=b, w=w, scale=scale, resets=resets, chunk_size=chunk_size)
+    return chunk_recurrence_torch(
+        q, k, v, g, b=b, w=w, scale=scale, resets=resets, chunk_size=chunk_size, output_final_state=output_final_state
+    )
 
 
 def chunk_gdn2(
@@ -50,13 +56,42 @@ def chunk_gdn2(
     scale: float | None = None,
     resets: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
-) -> torch.Tensor:
-    """GDN-2 forward on the best backend for the tensors' device."""
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """GDN-2 forward on the best backend for the tensors' device (and, with
+    ``output_final_state``, each row's final fp32 state ``[B, H, K, V]``)."""
     if q.is_cuda and _fla_chunk_gdn2 is not None:
         return call_fla(
-            _fla_chunk_gdn2, q, k, v, g, b, w, resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm
-        )
-    return chunk_gdn2_torch(q, k, v, g, b, w, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm)
+            _fla_chunk_gdn2, q, k, v, g, b, w, resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+            output_final_state=output_final_state,
+        )  # fmt: skip
+    return chunk_gdn2_torch(
+        q, k, v, g, b, w, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state
+    )
+
+
+def fused_recurrent_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """Decode one token of GDN-2: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place."""
+    if q.is_cuda and _fla_chunk_gdn2 is not None:
+        o, new_state = _fla_fused_recurrent_gdn2(
+            q, k, v, g, b, w, scale=scale, initial_state=state, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )  # fmt: skip
+        state.copy_(new_state)
+        return o
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return recurrent_step_torch(q, k, v, g, state, b=b, w=w, scale=scale)
 
 
 def kaczmarz_gates(
@@ -84,7 +119,8 @@ def chunk_gdn2_kla(
     eps: float = 1e-6,
     scale: float | None = None,
     resets: torch.Tensor | None = None,
-) -> torch.Tensor:
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GDN-2 with Kaczmarz-normalised gates ("gdn2_kla"); see ``kaczmarz_gates``.
 
     Meant for un-normalised keys: the norm is taken of the keys the recurrence
@@ -92,4 +128,21 @@ def chunk_gdn2_kla(
     GDN-2. Hence no ``use_qk_l2norm`` option.
     """
     b, w = kaczmarz_gates(k, b, w, eta, eps)
-    return chunk_gdn2(q, k, v, g, b, w, scale=scale, resets=resets)
+    return chunk_gdn2(q, k, v, g, b, w, scale=scale, resets=resets, output_final_state=output_final_state)
+
+
+def fused_recurrent_gdn2_kla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    eta: torch.Tensor,
+    state: torch.Tensor,
+    eps: float = 1e-6,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode one token of ``chunk_gdn2_kla`` from ``state`` (updated in place)."""
+    b, w = kaczmarz_gates(k, b, w, eta, eps)
+    return fused_recurrent_gdn2(q, k, v, g, b, w, state, scale=scale)

@@ -5,16 +5,20 @@ Recurrence per head (state S is K x V, log-decay g <= 0 per key channel):
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,      o_t = scale * q_t^T S_t
 
 Document boundaries are given as ``resets`` (True where a token starts a new
-document); see ``titan_hybrid.ops.common``.
+document); see ``titan_hybrid.ops.common``. As in fla: ``chunk_gla`` (training, and
+the prompt's prefill with ``output_final_state``), ``fused_recurrent_gla`` (decoding
+one token from that state) and the PyTorch references beside them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import chunk_recurrence_torch, pack_rows
+from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, pack_rows, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
+    from fla.ops.gla import chunk_gla as _fla_chunk_gla
+    from fla.ops.gla import fused_recurrent_gla as _fla_fused_recurrent_gla
     from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
     from fla.ops.gla.chunk import chunk_gla_fwd as _fla_gla_fwd
     from fla.ops.utils import prepare_chunk_indices
@@ -30,12 +34,16 @@ def chunk_gla_torch(
     scale: float | None = None,
     resets: torch.Tensor | None = None,
     chunk_size: int = 16,
-) -> torch.Tensor:
-    """Chunked GLA in PyTorch (fp32); inputs ``[B, T, H, K|V]``, output ``[B, T, H, V]``.
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Chunked GLA in PyTorch (fp32); inputs ``[B, T, H, K|V]``, output ``[B, T, H, V]``
+    (and each row's final state ``[B, H, K, V]``).
 
     The shared recurrence without the delta-rule erase term.
     """
-    return chunk_recurrence_torch(q, k, v, g, scale=scale, resets=resets, chunk_size=chunk_size)
+    return chunk_recurrence_torch(
+        q, k, v, g, scale=scale, resets=resets, chunk_size=chunk_size, output_final_state=output_final_state
+    )
 
 
 def chunk_gla(
@@ -45,12 +53,28 @@ def chunk_gla(
     g: torch.Tensor,
     scale: float | None = None,
     resets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """GLA forward on the best backend for the tensors' device."""
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """GLA forward on the best backend for the tensors' device; with ``output_final_state``
+    (inference, no gradients) also each row's final fp32 state ``[B, H, K, V]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.is_cuda and _fla_gla_fwd is not None:
+        if output_final_state:
+            return call_fla(_fla_chunk_gla, q, k, v, g, resets=resets, scale=scale, output_final_state=True)
         return fla_chunk_gla(q, k, v, g, scale, resets)[0]
-    return chunk_gla_torch(q, k, v, g, scale=scale, resets=resets)
+    return chunk_gla_torch(q, k, v, g, scale=scale, resets=resets, output_final_state=output_final_state)
+
+
+def fused_recurrent_gla(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Decode one token: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place;
+    fla's ``fused_recurrent_gla`` on CUDA, ``recurrent_step_torch`` elsewhere."""
+    if q.is_cuda and _fla_gla_fwd is not None:
+        o, new_state = _fla_fused_recurrent_gla(q, k, v, gk=g, scale=scale, initial_state=state, output_final_state=True)
+        state.copy_(new_state)
+        return o
+    return recurrent_step_torch(q, k, v, g, state, scale=scale)
 
 
 # fla's GLA kernels as torch.library custom ops: torch.compile keeps them as opaque

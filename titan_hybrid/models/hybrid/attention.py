@@ -20,6 +20,7 @@ from torchtitan.models.attention import (
 )
 
 from .args import HybridModelArgs
+from .decode_state import KVCache, Prompt
 
 
 def rope_cache(rotary_dims: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -97,6 +98,14 @@ class Attention(nn.Module):
         if self.sink_k is not None:
             nn.init.zeros_(self.sink_k)  # sink logit 0 at init: softmax with a "+1" in the denominator
 
+    def _qkv(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated queries ``[B, H, T, D]``, rotated keys and values ``[B, KV, T, D]``."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope, positions)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -106,11 +115,12 @@ class Attention(nn.Module):
         block_mask: BlockMask | None = None,
     ) -> torch.Tensor:
         """``block_mask`` (``attn_type = "flex"`` on CUDA) replaces the SDPA mask built from ``doc_ids``."""
-        B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope, positions)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return self._attend(*self._qkv(x, rope, positions), doc_ids, block_mask)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, block_mask: BlockMask | None
+    ) -> torch.Tensor:
+        B, _, T, _ = q.shape
         if self.sink_k is not None:
             sink_k = self.sink_k.to(k.dtype).expand(B, -1, -1).unsqueeze(2)  # [B, KV, 1, D]
             k = torch.cat([sink_k, k], dim=2)
@@ -119,6 +129,63 @@ class Attention(nn.Module):
         if block_mask is not None:
             o = self.flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         else:
-            mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, x.device)
+            mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, q.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    # Inference: prefill a prompt into the KV cache, then decode one token at a time.
+
+    def prefill(self, x: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, KVCache]:
+        """The training forward over left-padded prompts, and a cache holding each prompt's keys
+        and values at slot ``position % slots`` (the last ``attn_window`` of them with a window)."""
+        q, k, v = self._qkv(x, prompt.rope, prompt.positions)
+        out = self._attend(q, k, v, prompt.doc_ids, None)
+        B, _, T, _ = k.shape
+        slots = min(self.window, prompt.capacity) if self.window else prompt.capacity
+        # Slot s holds the prompt's newest position p = s (mod slots), if the prompt reaches it.
+        s = torch.arange(slots, device=x.device)
+        last = (prompt.lengths - 1).unsqueeze(1)  # [B, 1]
+        filled = s <= last
+        p = s + slots * torch.div(last - s, slots, rounding_mode="floor").clamp(min=0)
+        src = torch.where(filled, p + (T - prompt.lengths).unsqueeze(1), 0)  # index into the padded row
+        index = src[:, None, :, None].expand(B, self.n_kv_heads, slots, self.head_dim)
+        keep = filled[:, None, :, None]
+        cache = KVCache(k=k.gather(2, index) * keep, v=v.gather(2, index) * keep)
+        return out, cache
+
+    def step(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """One token per row ``x [B, 1, dim]`` at ``positions [B]``: write its key and value into
+        the cache, attend over the filled slots (and the sink). No host sync: CUDA-graph safe."""
+        B = x.shape[0]
+        q, k, v = self._qkv(x, rope, positions.unsqueeze(1))  # [B, H|KV, 1, D]
+        slots = cache.k.shape[2]
+        index = (positions % slots)[:, None, None, None].expand(B, self.n_kv_heads, 1, self.head_dim)
+        cache.k.scatter_(2, index, k)
+        cache.v.scatter_(2, index, v)
+        valid = torch.arange(slots, device=x.device) <= positions.unsqueeze(1)  # [B, slots]
+        o = decode_attention(q, cache.k, cache.v, valid, self.sink_k)
+        return self.wo(o.reshape(B, 1, -1))
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, sink_k: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of one query per head ``q [B, H, 1, D]`` over cached ``k, v [B, KV, S, D]``
+    where ``valid [B, S]``; returns ``[B, H, D]``.
+
+    The query heads of a KV group attend as a ``[G, D]`` block, so every cached key and value is
+    read once per step (not once per query head); scores and softmax in fp32. A sink key adds
+    one logit with a zero value.
+    """
+    B, H, _, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, KV, H // KV, D)
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, KV, G, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if sink_k is not None:
+        sink = (q.float() * sink_k.float()[None, :, None, :]).sum(-1, keepdim=True) * D**-0.5
+        scores = torch.cat([sink, scores], dim=-1)
+    p = scores.softmax(dim=-1)
+    if sink_k is not None:
+        p = p[..., 1:]
+    return (p.to(v.dtype) @ v).reshape(B, H, D)

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titan_hybrid.ops.common import l2norm
-from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule
-from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla
+from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla, fused_recurrent_gdn2, fused_recurrent_gdn2_kla
 
 from .args import HybridModelArgs
+from .decode_state import Prompt, RecurrentState
 
 
 def tokens_since_doc_start(resets: Tensor) -> Tensor:
@@ -57,6 +58,19 @@ class ShortConv(nn.Module):
                 tap = tap * (since_start >= lag).unsqueeze(-1).to(tap.dtype)
             out = out + tap
         return F.silu(out)
+
+    def prompt_window(self, x: Tensor, prompt: Prompt) -> Tensor:
+        """The last ``K - 1`` inputs of each prompt ``[B, K - 1, C]``, zeros before its start
+        (a tap that crosses the document start is masked, i.e. sees a zero)."""
+        T, K = x.shape[1], self.weight.shape[1]
+        x = x * prompt.in_prompt.unsqueeze(-1).to(x.dtype)
+        return F.pad(x, (0, 0, K - 1, 0))[:, T:].clone()
+
+    def step(self, x: Tensor, window: Tensor) -> Tensor:
+        """One token ``x [B, 1, C]`` after the ``window [B, K - 1, C]`` before it (shifted in place)."""
+        taps = torch.cat([window, x], dim=1)  # tap j holds x[t - (K - 1) + j]
+        window.copy_(taps[:, 1:])
+        return F.silu((taps * self.weight.t()).sum(dim=1, keepdim=True))
 
 
 def _init_decay(A_log: nn.Parameter, dt_bias: nn.Parameter, a_min: float) -> None:
@@ -95,8 +109,15 @@ class DeltaRuleMixer(nn.Module, ABC):
         """Initialise the decay parameters (``A_log``, ``dt_bias``)."""
 
     @abstractmethod
-    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, resets: Tensor | None) -> Tensor:
-        """The recurrence on ``[B, T, H, K|V]`` heads (after the convolutions); gates come from ``x``."""
+    def mix(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, resets: Tensor | None, output_final_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The recurrence on ``[B, T, H, K|V]`` heads (after the convolutions); gates come from ``x``.
+        With ``output_final_state`` also each row's final state (the prompt's prefill)."""
+
+    @abstractmethod
+    def mix_step(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ssm: Tensor) -> Tensor:
+        """One token of the recurrence from ``ssm [B, H, K, V]`` (updated in place)."""
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, *self.gate_projections()):
@@ -110,14 +131,35 @@ class DeltaRuleMixer(nn.Module, ABC):
     def heads(self, t: Tensor) -> Tensor:
         return t.unflatten(-1, (self.n_heads, -1))
 
+    def _output(self, o: Tensor, x: Tensor) -> Tensor:
+        o = self.o_norm(o) * F.silu(self.heads(self.g_proj(x)))
+        return self.o_proj(o.flatten(-2))
+
     def forward(self, x: Tensor, resets: Tensor | None) -> Tensor:
         since_start = None if resets is None else tokens_since_doc_start(resets)
         q = self.heads(self.q_conv(self.q_proj(x), since_start))
         k = self.heads(self.k_conv(self.k_proj(x), since_start))
         v = self.heads(self.v_conv(self.v_proj(x), since_start))
-        o = self.mix(x, q, k, v, resets)
-        o = self.o_norm(o) * F.silu(self.heads(self.g_proj(x)))
-        return self.o_proj(o.flatten(-2))
+        return self._output(self.mix(x, q, k, v, resets), x)
+
+    def prefill(self, x: Tensor, prompt: Prompt) -> tuple[Tensor, RecurrentState]:
+        """The training forward over left-padded prompts, keeping each row's final recurrent state
+        and the inputs its convolutions need next."""
+        resets = prompt.resets
+        since_start = tokens_since_doc_start(resets)
+        projected = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        q, k, v = (self.heads(conv(p, since_start)) for conv, p in zip(convs, projected))
+        o, ssm = self.mix(x, q, k, v, resets, output_final_state=True)
+        windows = [conv.prompt_window(p, prompt) for conv, p in zip(convs, projected)]
+        return self._output(o, x), RecurrentState(ssm=ssm, conv=windows)
+
+    def step(self, x: Tensor, state: RecurrentState) -> Tensor:
+        """One token per row ``x [B, 1, dim]``; the states advance in place."""
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (self.heads(c.step(p(x), w)) for c, p, w in zip(convs, projs, state.conv))
+        return self._output(self.mix_step(x, q, k, v, state.ssm), x)
 
 
 class GatedDeltaNet(DeltaRuleMixer):
@@ -137,10 +179,18 @@ class GatedDeltaNet(DeltaRuleMixer):
     def init_decay(self) -> None:
         _init_decay(self.A_log, self.dt_bias, a_min=0.0)
 
-    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, resets: Tensor | None) -> Tensor:
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head log-decay g (fp32) and write strength beta ``[B, T, H]``."""
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = self.b_proj(x).sigmoid()
-        return chunk_gated_delta_rule(q, k, v, g, beta, resets=resets, use_qk_l2norm=True)
+        return g, self.b_proj(x).sigmoid()
+
+    def mix(self, x, q, k, v, resets, output_final_state=False):
+        return chunk_gated_delta_rule(
+            q, k, v, *self.gates(x), resets=resets, use_qk_l2norm=True, output_final_state=output_final_state
+        )
+
+    def mix_step(self, x, q, k, v, ssm):
+        return fused_recurrent_gated_delta_rule(q, k, v, *self.gates(x), ssm, use_qk_l2norm=True)
 
 
 class GatedDeltaNet2(DeltaRuleMixer):
@@ -170,8 +220,11 @@ class GatedDeltaNet2(DeltaRuleMixer):
         g = -self.A_log.float().exp().unsqueeze(-1) * g
         return g, self.heads(self.b_proj(x).sigmoid()), self.heads(self.w_proj(x).sigmoid())
 
-    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, resets: Tensor | None) -> Tensor:
-        return chunk_gdn2(q, k, v, *self.gates(x), resets=resets, use_qk_l2norm=True)
+    def mix(self, x, q, k, v, resets, output_final_state=False):
+        return chunk_gdn2(q, k, v, *self.gates(x), resets=resets, use_qk_l2norm=True, output_final_state=output_final_state)
+
+    def mix_step(self, x, q, k, v, ssm):
+        return fused_recurrent_gdn2(q, k, v, *self.gates(x), ssm, use_qk_l2norm=True)
 
 
 class KaczmarzGDN2(GatedDeltaNet2):
@@ -187,6 +240,13 @@ class KaczmarzGDN2(GatedDeltaNet2):
     def gate_projections(self) -> list[nn.Linear]:
         return [*super().gate_projections(), self.eta_proj]
 
-    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, resets: Tensor | None) -> Tensor:
+    def mix(self, x, q, k, v, resets, output_final_state=False):
         eta = self.eta_proj(x).sigmoid()
-        return chunk_gdn2_kla(l2norm(q).type_as(q), k, v, *self.gates(x), eta, eps=self.eps, resets=resets)
+        return chunk_gdn2_kla(
+            l2norm(q).type_as(q), k, v, *self.gates(x), eta, eps=self.eps, resets=resets,
+            output_final_state=output_final_state,
+        )  # fmt: skip
+
+    def mix_step(self, x, q, k, v, ssm):
+        eta = self.eta_proj(x).sigmoid()
+        return fused_recurrent_gdn2_kla(l2norm(q).type_as(q), k, v, *self.gates(x), eta, ssm, eps=self.eps)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_hybrid.ops.gla import chunk_gla
+from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 from .args import HybridModelArgs
+from .decode_state import Prompt, RecurrentState
 
 
 class GatedLinearAttention(nn.Module):
@@ -38,11 +39,26 @@ class GatedLinearAttention(nn.Module):
         self.o_norm.reset_parameters()
         nn.init.trunc_normal_(self.o_proj.weight, std=out_std)
 
-    def forward(self, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v and the log-decay ``gk`` (fp32) as ``[B, T, H, K|V]`` heads."""
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, -1)  # noqa: E731
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         gk = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.gate_logit_normalizer
-        o = chunk_gla(q, k, v, heads(gk), resets=resets)
-        o = self.o_norm(o) * F.silu(heads(self.g_proj(x)))
+        return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), heads(gk)
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, self.n_heads, -1))
         return self.o_proj(o.reshape(B, T, self.value_dim))
+
+    def forward(self, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+        return self._output(chunk_gla(*self._inputs(x), resets=resets), x)
+
+    def prefill(self, x: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, RecurrentState]:
+        """The training forward over left-padded prompts, keeping each row's final state."""
+        o, ssm = chunk_gla(*self._inputs(x), resets=prompt.resets, output_final_state=True)
+        return self._output(o, x), RecurrentState(ssm=ssm)
+
+    def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """One token per row ``x [B, 1, dim]``; the state advances in place."""
+        return self._output(fused_recurrent_gla(*self._inputs(x), state.ssm), x)

@@ -14,6 +14,7 @@ from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 
 from .args import MIXERS, MLPS, HybridModelArgs
 from .attention import Attention, flex_block_mask, rope_cache
+from .decode_state import DecodeState, KVCache, Prompt, RecurrentState
 from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
 
@@ -97,6 +98,19 @@ class HybridBlock(nn.Module):
             x = x + self.mixer(h, resets)
         return x + self.mlp(self.mlp_norm(x))
 
+    def prefill(self, x: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, RecurrentState | KVCache]:
+        h, state = self.mixer.prefill(self.mixer_norm(x), prompt)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x: torch.Tensor, state: RecurrentState | KVCache, positions: torch.Tensor, rope: torch.Tensor):
+        h = self.mixer_norm(x)
+        if self.mixer_kind == "A":
+            x = x + self.mixer.step(h, state, positions, rope)
+        else:
+            x = x + self.mixer.step(h, state)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class HybridLM(ModelProtocol):
     """Decoder-only LM with tied input/output embeddings.
@@ -174,5 +188,45 @@ class HybridLM(ModelProtocol):
         if labels is not None:
             chunk_tokens = self.model_args.loss_chunk_tokens or labels.numel()
             return linear_cross_entropy(h, self.tok_embeddings.weight, labels, chunk_tokens, cap)
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, self.tok_embeddings.weight)
+        cap = self.model_args.output_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
+
+    # Inference: O(1)-state decoding for the recurrent mixers, a KV cache for attention.
+
+    @torch.no_grad()
+    def prefill(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, capacity: int, all_logits: bool = False
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run left-padded prompts ``tokens [B, T]`` (row ``b``'s ``lengths[b]`` tokens at its end)
+        through the chunked training kernels, keeping every layer's state for ``decode_step``.
+
+        ``capacity``: longest prompt + tokens to generate (what a KV cache must hold). Returns the
+        logits of each prompt's last token ``[B, vocab]`` (every position's with ``all_logits``)
+        and the decoding state. The padding never reaches a prompt's logits or state.
+        """
+        a = self.model_args
+        rope = rope_cache(a.rotary_dims, capacity, a.rope_theta, device=tokens.device)
+        prompt = Prompt.left_padded(lengths, tokens.shape[1], capacity, rope)
+        h = self.tok_embeddings(tokens)
+        layer_states = []
+        for block in self.layers.values():
+            h, layer_state = block.prefill(h, prompt)
+            layer_states.append(layer_state)
+        h = self.norm(h if all_logits else h[:, -1])
+        state = DecodeState(layers=layer_states, positions=lengths.clone(), capacity=capacity, rope=rope)
+        return self._logits(h), state
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits ``[B, vocab]`` after one more token per row ``tokens [B]``; ``state`` advances in
+        place (each row's position too). No host sync, so the step can be captured in a CUDA graph;
+        a full KV cache is not checked here (``titan_hybrid.generate`` sizes it)."""
+        h = self.tok_embeddings(tokens.unsqueeze(1))
+        for block, layer_state in zip(self.layers.values(), state.layers):
+            h = block.step(h, layer_state, state.positions, state.rope)
+        state.positions += 1
+        return self._logits(self.norm(h[:, 0]))

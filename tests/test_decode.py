@@ -1,0 +1,124 @@
+"""Cached decoding against the full forward: prefill + one token at a time gives the training
+forward's logits at every position, for every mixer letter and for a mixed pattern with an
+attention sink, partial RoPE and a sliding window that wraps its ring buffer; batched prompts of
+different lengths are left-padded."""
+
+import pytest
+import torch
+
+from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+from titan_hybrid.ops.common import chunk_recurrence_torch, recurrent_step_torch
+from titan_hybrid.ops.gdn2 import fused_recurrent_gdn2
+from titan_hybrid.ops.gated_delta import fused_recurrent_gated_delta_rule
+from titan_hybrid.ops.gla import fused_recurrent_gla
+
+BASE = hybrid_flavors["debug"].replace(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=64)
+CASES = {
+    "g": dict(pattern="gg"),
+    "A": dict(pattern="AA"),
+    "d": dict(pattern="dd"),
+    "2": dict(pattern="22"),
+    "k": dict(pattern="kk"),
+    "mixed": dict(pattern="gAd2kA", attn_sink=True, rope_dims=8, attn_window=5, delta_expand_v=1.5),
+}
+PROMPTS = [5, 9, 1]  # prompt lengths of the three rows
+NEW = 8  # decoded tokens per row, past the window of 5 (its ring buffer wraps)
+
+
+def _model(**changes) -> HybridLM:
+    args = BASE.replace(n_layers=len(changes["pattern"]), **changes)
+    torch.manual_seed(0)
+    model = HybridLM(args)
+    model.init_weights()
+    with torch.no_grad():  # larger than the training init, so every path contributes visibly
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(5)
+    return model.eval()
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int = 3) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([torch.full((width - len(r),), pad_id), r]) for r in rows])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_then_decode_matches_full_forward(case):
+    model = _model(**CASES[case])
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, BASE.vocab_size, (n + NEW,), generator=gen) for n in PROMPTS]
+    with torch.no_grad():
+        full = [model(r.unsqueeze(0))[0] for r in rows]  # each row alone, no padding: [n + NEW, vocab]
+
+    lengths = torch.tensor(PROMPTS)
+    prompts = _left_pad([r[:n] for r, n in zip(rows, PROMPTS)])
+    logits, state = model.prefill(prompts, lengths, capacity=max(PROMPTS) + NEW, all_logits=True)
+    width = prompts.shape[1]
+    for b, n in enumerate(PROMPTS):
+        torch.testing.assert_close(logits[b, width - n :], full[b][:n], rtol=1e-4, atol=1e-5)
+    for t in range(NEW - 1):
+        step_logits = model.decode_step(torch.stack([r[n + t] for r, n in zip(rows, PROMPTS)]), state)
+        for b, n in enumerate(PROMPTS):
+            torch.testing.assert_close(step_logits[b], full[b][n + t], rtol=1e-4, atol=1e-5)
+    assert state.positions.tolist() == [n + NEW - 1 for n in PROMPTS]
+
+
+def test_padding_does_not_reach_the_prompt():
+    """Same prompt, different padding tokens and amounts: same logits and state."""
+    model = _model(**CASES["mixed"])
+    prompt = torch.randint(0, BASE.vocab_size, (6,), generator=torch.Generator().manual_seed(2))
+    other = torch.randint(0, BASE.vocab_size, (10,), generator=torch.Generator().manual_seed(3))
+    batch = _left_pad([prompt, other], pad_id=7)
+    alone, state_alone = model.prefill(prompt.unsqueeze(0), torch.tensor([6]), capacity=12)
+    padded, state_padded = model.prefill(batch, torch.tensor([6, 10]), capacity=12)
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-4, atol=1e-5)
+    token = torch.tensor([5])
+    torch.testing.assert_close(
+        model.decode_step(torch.tensor([5, 5]), state_padded)[0], model.decode_step(token, state_alone)[0],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_state_size_is_constant_for_recurrent_mixers_and_bounded_by_the_window():
+    recurrent = _model(pattern="g2k")
+    windowed = _model(pattern="AA", attn_window=5)
+    full = _model(pattern="AA")
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    lengths = torch.tensor([4, 4])
+    sizes = {}
+    for name, model in [("recurrent", recurrent), ("windowed", windowed), ("full", full)]:
+        sizes[name] = [model.prefill(tokens, lengths, capacity=c)[1].nbytes() for c in (16, 64)]
+    assert sizes["recurrent"][0] == sizes["recurrent"][1]
+    assert sizes["windowed"][0] == sizes["windowed"][1]
+    # Full attention: 2 layers x (k, v) x 2 rows x 2 KV heads x capacity x 16 dims x 4 bytes.
+    assert sizes["full"] == [2 * 2 * 2 * 2 * c * 16 * 4 for c in (16, 64)]
+
+
+def test_recurrent_step_continues_the_chunked_recurrence():
+    """The decode reference: a chunked prefill's final state, then single steps, equals one chunked run."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, K, V = 2, 21, 2, 8, 6
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=gen))
+    b, w = torch.rand(B, T, H, K, generator=gen), torch.rand(B, T, H, V, generator=gen)
+    full = chunk_recurrence_torch(q, k, v, g, b=b, w=w)
+    split = 13
+    o, state = chunk_recurrence_torch(q[:, :split], k[:, :split], v[:, :split], g[:, :split], b=b[:, :split],
+                                      w=w[:, :split], output_final_state=True)  # fmt: skip
+    steps = [recurrent_step_torch(*(x[:, t : t + 1] for x in (q, k, v, g)), state, b=b[:, t : t + 1], w=w[:, t : t + 1])
+             for t in range(split, T)]  # fmt: skip
+    torch.testing.assert_close(torch.cat([o, *steps], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_decode_ops_update_the_state_in_place():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 2, 4, generator=gen) for _ in range(3))
+    for op, extra in [
+        (fused_recurrent_gla, [torch.full((1, 1, 2, 4), -0.1)]),
+        (fused_recurrent_gated_delta_rule, [torch.full((1, 1, 2), -0.1), torch.full((1, 1, 2), 0.5)]),
+        (fused_recurrent_gdn2, [torch.full((1, 1, 2, 4), -0.1), torch.full((1, 1, 2, 4), 0.5), torch.ones(1, 1, 2, 4)]),
+    ]:
+        state = torch.zeros(1, 2, 4, 4)
+        op(q, k, v, *extra, state)
+        assert state.abs().sum() > 0, op.__name__

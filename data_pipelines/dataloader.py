@@ -13,6 +13,7 @@ skipping a sample. The same idea as MosaicML Streaming's "canonical nodes".
 
 from __future__ import annotations
 
+import fnmatch
 import pickle
 from collections.abc import Iterator
 from functools import partial
@@ -44,6 +45,10 @@ from .sources import Doc, ShardSource, list_shards, reasoning_doc, text_doc
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 STREAM_KEY = "stream_{}"
 NUM_STREAMS_KEY = "num_streams"
+SOURCES = ("web", "code", "reasoning")
+"""The ``[hybrid_data]`` sources, in the order of the per-source token counts."""
+SOURCE_TOKENS = "source_tokens"
+"""Batch key (taken off by ``HybridDataLoader``) of the batch's input tokens per source."""
 
 
 class DataConfigError(ValueError):
@@ -66,18 +71,50 @@ def streams_of_rank(num_streams: int, dp_rank: int, dp_world_size: int, local_ba
     return list(range(dp_rank, num_streams, dp_world_size))
 
 
+def source_of(data: HybridData, name: str) -> TextSource | ReasoningSource:
+    if name not in SOURCES:
+        raise DataConfigError(f"unknown data source {name!r}; the sources are {', '.join(SOURCES)}")
+    return getattr(data, name)
+
+
+def holdout_shards(name: str, cfg: TextSource | ReasoningSource) -> list[str]:
+    """The source's shards named by ``holdout`` (each pattern must match one at least)."""
+    files = list_shards(cfg.path, cfg.data_dir)
+    held = []
+    for pattern in cfg.holdout:
+        matches = [f for f in files if fnmatch.fnmatch(f, f"*/{pattern}")]
+        if not matches:
+            raise DataConfigError(
+                f"[hybrid_data.{name}] holdout: {pattern!r} matches no shard under {cfg.path}/{cfg.data_dir}"
+            )
+        held += [f for f in matches if f not in held]
+    return held
+
+
+def training_shards(name: str, cfg: TextSource | ReasoningSource) -> list[str]:
+    """The source's shards less its ``holdout``."""
+    held = set(holdout_shards(name, cfg))
+    files = [f for f in list_shards(cfg.path, cfg.data_dir) if f not in held]
+    if not files:
+        raise DataConfigError(f"[hybrid_data.{name}] holdout holds out every shard; keep one at least for training")
+    return files
+
+
+def document_columns(name: str, cfg: TextSource | ReasoningSource):
+    """The Parquet columns a source reads and the function that makes them a document."""
+    if isinstance(cfg, ReasoningSource):
+        columns = [cfg.prompt_field, cfg.reasoning_field, cfg.answer_field]
+        return columns, reasoning_doc(name, *columns)
+    return [cfg.text_field], text_doc(name, cfg.text_field)
+
+
 def build_source(
     name: str, cfg: TextSource | ReasoningSource, data: HybridData, stream: int, num_streams: int
 ) -> ShardSource:
-    if isinstance(cfg, ReasoningSource):
-        columns = [cfg.prompt_field, cfg.reasoning_field, cfg.answer_field]
-        to_doc = reasoning_doc(name, *columns)
-    else:
-        columns = [cfg.text_field]
-        to_doc = text_doc(name, cfg.text_field)
+    columns, to_doc = document_columns(name, cfg)
     return ShardSource(
         name,
-        list_shards(cfg.path, cfg.data_dir),
+        training_shards(name, cfg),
         columns,
         to_doc,
         seed=data.seed,
@@ -89,7 +126,7 @@ def build_source(
 
 def build_documents(data: HybridData, stream: int, num_streams: int) -> BaseNode[Doc]:
     """One stream's shuffled documents, before tokenization."""
-    sources = {"web": data.web, "code": data.code, "reasoning": data.reasoning}
+    sources = {name: source_of(data, name) for name in SOURCES}
     weights = {name: float(cfg.weight) for name, cfg in sources.items() if cfg.weight > 0}
     if not weights:
         raise ValueError("[hybrid_data]: every source has weight 0")
@@ -147,7 +184,13 @@ class StreamBatcher(BaseNode[Batch]):
             node.reset(initial_state[self.STREAMS][stream_id] if initial_state is not None else None)
 
     def next(self) -> Batch:
-        return collate([next(node) for node in self._order])
+        rows, served = [], torch.zeros(len(SOURCES), dtype=torch.long)
+        for node in self._order:
+            rows.append(next(node))
+            served += torch.tensor([node.row_sources[name] for name in SOURCES])
+        input_dict, labels = collate(rows)
+        input_dict[SOURCE_TOKENS] = served
+        return input_dict, labels
 
     def get_state(self) -> dict[str, Any]:
         return {self.STREAMS: {stream_id: node.state_dict() for stream_id, node in self.streams.items()}}
@@ -193,6 +236,8 @@ class HybridDataLoader(BaseDataLoader):
 
     Each stream's position is one opaque blob (rather than DCP flattening the nested
     node state into many entries), keyed by stream so that any dp world size can load it.
+    ``served_tokens`` counts the input tokens handed out per source (``SOURCES`` order) since
+    the loader was built: the data mix actually trained on.
     """
 
     def __init__(self, root: Prefetcher[Batch] | ProcessPrefetcher[Batch], num_streams: int, stream_ids: list[int]):
@@ -200,9 +245,12 @@ class HybridDataLoader(BaseDataLoader):
         self._loader = Loader(root)
         self.num_streams = num_streams
         self.stream_ids = stream_ids
+        self.served_tokens = torch.zeros(len(SOURCES), dtype=torch.long)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self._loader)
+        for input_dict, labels in self._loader:
+            self.served_tokens += input_dict.pop(SOURCE_TOKENS)
+            yield input_dict, labels
 
     def state_dict(self) -> dict[str, Any]:
         # Either prefetcher's state is the snapshot of its source taken with the last batch handed out.

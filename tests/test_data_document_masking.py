@@ -14,7 +14,7 @@ SEQ_LEN, EOS, VOCAB = 48, 0, 512
 
 def packed_row(docs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The first packed row (``input``, ``positions``) of ``docs``, through the pipeline's packer."""
-    packer = Packer(IterableWrapper([(ids, 0) for ids in docs]), SEQ_LEN, EOS)
+    packer = Packer(IterableWrapper([(ids, 0, "web") for ids in docs]), SEQ_LEN, EOS)
     packer.reset()
     tokens, _, positions = next(packer)
     return tokens[None], positions[None]

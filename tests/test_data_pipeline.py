@@ -262,7 +262,7 @@ def test_reasoning_prompt_is_ignored_and_think_tags_are_single_tokens():
     docs = build_documents(data, 0, 1)
     docs.reset()
     doc = next(docs)
-    ids, n_prompt = Encoder(TOKENIZER)(doc)
+    ids, n_prompt, _ = Encoder(TOKENIZER)(doc)
     assert ids[n_prompt] == THINK_ID and END_THINK_ID in ids[n_prompt:]
     assert TOKENIZER.decode(ids[:n_prompt]).strip() == doc["prompt"].strip()
 

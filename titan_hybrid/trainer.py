@@ -46,6 +46,7 @@ def row_fingerprints(tokens: torch.Tensor) -> list[str]:
 class HybridTrainer(Trainer):
     def __init__(self, job_config: JobConfig):
         super().__init__(job_config)
+        self.metrics_processor.dataloader = self.dataloader  # its served tokens are the logged data mix
         self.resilience = job_config.resilience
         self._step_batches: list[Batch] = []
         self._step_losses: list[torch.Tensor] = []

@@ -77,6 +77,9 @@ class DataSource:
     """Folder inside ``path`` whose ``**/*.parquet`` files are the shards (e.g. ``sample/10BT``)."""
     weight: float = 0.0
     """Mixing weight, normalised over the sources; 0 leaves the source out."""
+    holdout: list[str] = field(default_factory=list)
+    """Shards never trained on (file names or glob patterns relative to ``path/data_dir``);
+    ``[hybrid_validation]`` scores them. Held out whether or not this run validates."""
 
 
 @dataclass
@@ -133,6 +136,32 @@ class HybridData:
 
 
 @dataclass
+class ValidationSplit:
+    """Where a source's validation data lives when it is not the source's ``holdout`` shards."""
+
+    path: str = ""
+    """Hub dataset id or local directory; "" = the ``holdout`` shards of ``[hybrid_data.<source>]``."""
+    data_dir: str = ""
+    """Folder inside ``path`` (e.g. a ``validation`` split) whose ``**/*.parquet`` files are scored."""
+
+
+@dataclass
+class HybridValidation:
+    """Held-out data scored by ``[validation]`` (freq, steps, local_batch_size, seq_len), per source.
+
+    Each listed source is packed and prompt-masked exactly like training (its field names come
+    from ``[hybrid_data.<source>]``) and reports loss, perplexity and bits per byte.
+    """
+
+    sources: list[str] = field(default_factory=list)
+    """Sources to validate, e.g. ``["web", "reasoning"]``; each reads its ``[hybrid_validation.<source>]``
+    split or else its ``[hybrid_data.<source>] holdout`` shards."""
+    web: ValidationSplit = field(default_factory=ValidationSplit)
+    code: ValidationSplit = field(default_factory=ValidationSplit)
+    reasoning: ValidationSplit = field(default_factory=ValidationSplit)
+
+
+@dataclass
 class Resilience:
     """Non-finite-loss policy and the per-step record (``[resilience]``); see docs/checkpointing.md."""
 
@@ -150,4 +179,5 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     hybrid_data: HybridData = field(default_factory=HybridData)
+    hybrid_validation: HybridValidation = field(default_factory=HybridValidation)
     resilience: Resilience = field(default_factory=Resilience)

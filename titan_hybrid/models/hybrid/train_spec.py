@@ -7,7 +7,9 @@ from torchtitan.config import JobConfig
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from data_pipelines.dataloader import build_hybrid_dataloader
+from titan_hybrid.metrics import build_hybrid_metrics_processor
 from titan_hybrid.optim import build_lr_schedulers, build_optimizers
+from titan_hybrid.validate import build_hybrid_validator
 
 from . import hybrid_flavors
 from .model import HybridLM
@@ -50,5 +52,7 @@ def register() -> None:
             build_dataloader_fn=build_hybrid_dataloader,
             build_tokenizer_fn=build_hf_tokenizer,
             build_loss_fn=build_hybrid_loss,
+            build_validator_fn=build_hybrid_validator,
+            build_metrics_processor_fn=build_hybrid_metrics_processor,
         ),
     )

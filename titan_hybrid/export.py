@@ -1,10 +1,14 @@
-"""Export a DCP checkpoint to one ``model.safetensors`` + ``config.json``, and back.
+"""Export a DCP checkpoint to a Hugging Face folder, and back.
 
 ``python -m titan_hybrid.export RUN_DIR [--step N] OUT_DIR``
     RUN_DIR is a run's dump folder (or its checkpoint folder). Reads the newest
     complete checkpoint (or step N) of any world size in a single process and
-    writes ``model.safetensors``, ``config.json`` and the tokenizer files.
-    ``load_exported(OUT_DIR)`` gives back a ``HybridLM``; no torch.distributed.
+    writes a Hugging Face folder: ``config.json`` (``model_type = "titan_hybrid"``,
+    ``auto_map``), ``model.safetensors``, ``generation_config.json``, the model code
+    (``configuration_titan_hybrid.py``, ``modeling_titan_hybrid.py``) and the
+    tokenizer files. ``AutoModelForCausalLM.from_pretrained(OUT_DIR,
+    trust_remote_code=True)`` loads it (titan-hybrid installed); ``load_exported(OUT_DIR)``
+    gives back the ``HybridLM``; no torch.distributed.
 
 ``python -m titan_hybrid.export --seed EXPORT_DIR SEED_DIR``
     The reverse: a DCP checkpoint of the model alone, to start a run from with
@@ -15,17 +19,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from titan_hybrid.checkpoint import checkpoint_problem, read_marker, step_dirs
-from titan_hybrid.models.hybrid import HybridLM, HybridModelArgs
+from titan_hybrid.hf import TitanHybridConfig, TitanHybridForCausalLM
+from titan_hybrid.hf.configuration_titan_hybrid import ARG_NAMES, model_args_from
+from titan_hybrid.hf.state_dict_adapter import HybridStateDictAdapter
+from titan_hybrid.models.hybrid import HybridLM
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -57,11 +64,6 @@ def find_step_dir(run_dir: str, step: int | None) -> str:
     return steps[step]
 
 
-def model_args_from(config: dict) -> HybridModelArgs:
-    names = {f.name for f in dataclasses.fields(HybridModelArgs) if f.init and not f.name.startswith("_")}
-    return HybridModelArgs(**{k: v for k, v in config.items() if k in names})
-
-
 def load_checkpoint_model(step_dir: str) -> HybridLM:
     """The model of a DCP checkpoint (saved on any number of ranks), in this process."""
     args = model_args_from(read_marker(step_dir)["model"]["args"])
@@ -75,28 +77,32 @@ def load_checkpoint_model(step_dir: str) -> HybridLM:
 def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
     step_dir = find_step_dir(run_dir, step)
     marker = read_marker(step_dir)
-    model = load_checkpoint_model(step_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    info = {"flavor": marker["model"]["flavor"], "step": marker["step"]}
+    save_hf(load_checkpoint_model(step_dir), out_dir, marker.get("hf_assets_path"), **info)
+    return step_dir
+
+
+def save_hf(model: HybridLM, out_dir: str, tokenizer_dir: str | None = None, **info: Any) -> None:
+    """Write ``model`` as a Hugging Face folder (see the module docstring), with the tokenizer files
+    of ``tokenizer_dir``; ``info`` (flavor, step) goes into config.json as well."""
+    config = TitanHybridConfig(**{k: getattr(model.model_args, k) for k in ARG_NAMES}, **info)
+    with torch.device("meta"):  # only the code and config are written from it: no second copy of the weights
+        hf_model = TitanHybridForCausalLM(config)
+    adapter = HybridStateDictAdapter(model.model_args, None)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt", "step": str(marker["step"])})
-    config = {
-        "architectures": ["HybridLM"],
-        "model_type": "titan_hybrid",
-        "flavor": marker["model"]["flavor"],
-        "step": marker["step"],
-        "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
-        **dataclasses.asdict(model.model_args),
-    }
-    config.pop("_enforced", None)
-    with open(os.path.join(out_dir, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    assets = marker.get("hf_assets_path")
-    if assets and os.path.isdir(assets):
-        for name in os.listdir(assets):
-            src = os.path.join(assets, name)
+    hf_model.save_pretrained(out_dir, state_dict=adapter.to_hf(state))
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        for name in os.listdir(tokenizer_dir):
+            src = os.path.join(tokenizer_dir, name)
             if os.path.isfile(src) and name != CONFIG and not name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(src, os.path.join(out_dir, name))
-    return step_dir
+
+
+def exported_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The ``HybridLM`` state dict of an exported folder (Hugging Face names mapped back)."""
+    with open(os.path.join(path, CONFIG)) as f:
+        args = model_args_from(json.load(f))
+    return HybridStateDictAdapter(args, None).from_hf(load_file(os.path.join(path, WEIGHTS), device=str(device)))
 
 
 def load_exported(path: str, device: str | torch.device = "cpu") -> HybridLM:
@@ -105,7 +111,7 @@ def load_exported(path: str, device: str | torch.device = "cpu") -> HybridLM:
         args = model_args_from(json.load(f))
     with torch.device(device):
         model = HybridLM(args)
-    model.load_state_dict(load_file(os.path.join(path, WEIGHTS), device=str(device)))
+    model.load_state_dict(exported_weights(path, device))
     return model.eval()
 
 
@@ -113,7 +119,7 @@ def to_seed_checkpoint(export_dir: str, seed_dir: str) -> None:
     """Write the exported weights as a model-only DCP checkpoint (TorchTitan's seed layout)."""
     if os.path.exists(seed_dir):
         raise FileExistsError(f"{seed_dir} exists; choose a new folder")
-    dcp.save(load_file(os.path.join(export_dir, WEIGHTS)), checkpoint_id=seed_dir)
+    dcp.save(exported_weights(export_dir), checkpoint_id=seed_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,91 @@
+"""A titan-hybrid ``HybridLM`` as a Hugging Face causal LM (``AutoModelForCausalLM``).
+
+``titan_hybrid.export`` copies this file into every exported folder, so
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works in any
+program (``generate``, lm-evaluation-harness, ...). The file wraps the model of the
+installed ``titan_hybrid`` package instead of copying it, as fla's Hugging Face models
+need fla installed: the same code trains, exports and serves, on CPU (pure-PyTorch
+mixers) and on CUDA (fla kernels).
+
+Weights are ``HybridLM``'s own, under ``model.`` (``base_model_prefix``); the output
+projection is the input embedding itself, so there is no ``lm_head.weight`` to store or tie.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from titan_hybrid.models.hybrid import HybridLM
+
+from .configuration_titan_hybrid import TitanHybridConfig
+
+
+def document_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``HybridLM`` positions for a padded batch: each row's tokens are one document from position
+    0 and every pad token a document of its own, so neither attention, nor the recurrent states,
+    nor the short convolutions reach a pad. Left and right padding; a gap inside a row is refused."""
+    mask = attention_mask.bool()
+    positions = torch.where(mask, mask.cumsum(dim=1) - 1, 0)
+    first = mask.int().argmax(dim=1, keepdim=True)
+    contiguous = torch.arange(mask.shape[1], device=mask.device) - first
+    if not torch.equal(positions, torch.where(mask, contiguous, 0)):
+        raise ValueError("attention_mask: each row's tokens must be contiguous (left or right padding only)")
+    return positions
+
+
+class TitanHybridForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = TitanHybridConfig
+    base_model_prefix = "model"
+    _input_embed_layer = "tok_embeddings"
+    _no_split_modules = ["HybridBlock"]
+
+    def __init__(self, config: TitanHybridConfig):
+        super().__init__(config)
+        # Padding is always kept out of documents (see document_positions), whatever the
+        # packed-document setting the model was trained with.
+        self.model = HybridLM(config.model_args.replace(document_masking=True))
+        self.model.init_weights()  # a new model starts from the training init
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """After ``from_pretrained`` only the RoPE table, a non-persistent buffer, is left to compute."""
+        if isinstance(module, HybridLM):
+            init.copy_(module.rope, module._rope(device=module.rope.device))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits of the whole sequence; with ``labels`` (unshifted, -100 = ignored) also the mean
+        next-token loss. There is no cache yet: every call recomputes the sequence (the hook for
+        recurrent O(1) decoding is ``prepare_inputs_for_generation``). Other generation kwargs
+        (``use_cache``, ``return_dict``, ...) are accepted and ignored."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        positions = document_positions(attention_mask) if padded else None
+        logits = self.model(input_ids, positions=positions)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # no key/value cache: HybridLM's recurrent layers need their own state
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """Each decoding step feeds the whole sequence, with or without ``use_cache``."""
+        kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+
+TitanHybridConfig.register_for_auto_class()
+TitanHybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")

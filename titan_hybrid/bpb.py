@@ -70,6 +70,10 @@ class Totals:
         nll, tokens, n_bytes = totals.tolist()
         return cls(nll, int(tokens), int(n_bytes))
 
+    @classmethod
+    def total(cls, parts: list[Totals]) -> Totals:
+        return cls(sum(t.nll for t in parts), sum(t.tokens for t in parts), sum(t.bytes for t in parts))
+
     def metrics(self) -> dict[str, float]:
         loss = self.nll / self.tokens if self.tokens else math.nan
         return {

@@ -63,7 +63,7 @@ class HybridValidator(BaseValidator):
         model.eval()
         totals = {name: self._score(model, batches) for name, batches in self.sets.items()}
         model.train()
-        overall = Totals(*(sum(getattr(t, f) for t in totals.values()) for f in ("nll", "tokens", "bytes")))
+        overall = Totals.total(list(totals.values()))
         metrics = {f"{PREFIX}/{k}": v for k, v in overall.metrics().items() if k != "loss"}
         for name, t in totals.items():
             metrics.update({f"{PREFIX}/{name}/{k}": v for k, v in t.metrics().items()})

@@ -141,7 +141,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, prompt.rope, prompt.positions)
         out = self._attend(q, k, v, prompt.doc_ids, None)
         B, _, T, _ = k.shape
-        slots = min(self.window, prompt.capacity) if self.window else prompt.capacity
+        slots = self.cache_slots(prompt.capacity)
         # Slot s holds the prompt's newest position p = s (mod slots), if the prompt reaches it.
         s = torch.arange(slots, device=x.device)
         last = (prompt.lengths - 1).unsqueeze(1)  # [B, 1]
@@ -152,6 +152,13 @@ class Attention(nn.Module):
         keep = filled[:, None, :, None]
         cache = KVCache(k=k.gather(2, index) * keep, v=v.gather(2, index) * keep)
         return out, cache
+
+    def cache_slots(self, capacity: int) -> int:
+        return min(self.window, capacity) if self.window else capacity
+
+    def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (batch, self.n_kv_heads, self.cache_slots(capacity), self.head_dim)
+        return KVCache(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device))
 
     def step(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]`` at ``positions [B]``: write its key and value into

@@ -154,6 +154,12 @@ class DeltaRuleMixer(nn.Module, ABC):
         windows = [conv.prompt_window(p, prompt) for conv, p in zip(convs, projected)]
         return self._output(o, x), RecurrentState(ssm=ssm, conv=windows)
 
+    def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> RecurrentState:
+        H, taps = self.n_heads, self.q_conv.weight.shape[1] - 1
+        ssm = torch.zeros(batch, H, self.key_dim // H, self.value_dim // H, device=device)
+        conv = [torch.zeros(batch, taps, c, dtype=dtype, device=device) for c in (self.key_dim, self.key_dim, self.value_dim)]
+        return RecurrentState(ssm=ssm, conv=conv)
+
     def step(self, x: Tensor, state: RecurrentState) -> Tensor:
         """One token per row ``x [B, 1, dim]``; the states advance in place."""
         convs = (self.q_conv, self.k_conv, self.v_conv)

@@ -59,6 +59,10 @@ class GatedLinearAttention(nn.Module):
         o, ssm = chunk_gla(*self._inputs(x), resets=prompt.resets, output_final_state=True)
         return self._output(o, x), RecurrentState(ssm=ssm)
 
+    def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> RecurrentState:
+        H = self.n_heads
+        return RecurrentState(ssm=torch.zeros(batch, H, self.key_dim // H, self.value_dim // H, device=device))
+
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
         return self._output(fused_recurrent_gla(*self._inputs(x), state.ssm), x)

@@ -220,6 +220,18 @@ class HybridLM(ModelProtocol):
         state = DecodeState(layers=layer_states, positions=lengths.clone(), capacity=capacity, rope=rope)
         return self._logits(h), state
 
+    def empty_decode_state(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> DecodeState:
+        """Zero states for ``batch`` rows at position 0 (``bench.decode`` fills them to a length)."""
+        device = self.tok_embeddings.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        a = self.model_args
+        return DecodeState(
+            layers=[block.mixer.empty_state(batch, capacity, dtype, device) for block in self.layers.values()],
+            positions=torch.zeros(batch, dtype=torch.long, device=device),
+            capacity=capacity,
+            rope=rope_cache(a.rotary_dims, capacity, a.rope_theta, device=device),
+        )
+
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Logits ``[B, vocab]`` after one more token per row ``tokens [B]``; ``state`` advances in

@@ -1,12 +1,17 @@
 """GPU check: fla's kernels against the CPU PyTorch paths, same inputs (and same model weights).
 
-For each sequence mixer (gla, gated_delta, gdn2, gdn2_kla; gla_compiled is GLA under
+Training kernels: for each sequence mixer (gla, gated_delta, gdn2, gdn2_kla; gla_compiled is GLA under
 ``torch.compile(fullgraph=True)``, which fails if the kernels break the graph), kernel input dtype
 (log decays stay fp32, as the layers pass them) and with/without packed
 documents (``resets`` -> fla ``cu_seqlens``), runs the op on CUDA and on CPU in
 fp32 and reports the relative error ||gpu - cpu|| / ||cpu|| of the output and
 of every input gradient; then the hybrid model's logits per layer pattern
-(bf16 autocast or fp32 on GPU vs fp32 on CPU, forward only). Prints a Markdown
+(bf16 autocast or fp32 on GPU vs fp32 on CPU, forward only).
+
+Decoding kernels (``decode`` cases): the chunk kernel's prefill with its final state, then
+fla's ``fused_recurrent_*`` kernels one token at a time, against the CPU paths (outputs and final
+state); and per pattern the model's prefill + CUDA-graph decode steps (``titan_hybrid.generate``'s
+``DecodeStep``, weights cast to the dtype as ``generate`` does) against CPU fp32 logits. Prints a Markdown
 table, writes one JSON line per case to ``--out``, and exits non-zero if an
 error exceeds the tolerance (fp32 kernels use TF32 dots: 2e-3; bf16: 2e-2).
 
@@ -32,9 +37,10 @@ import torch.nn.functional as F
 import triton
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
-from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule
-from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla
-from titan_hybrid.ops.gla import chunk_gla
+from titan_hybrid.generate import DecodeStep
+from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla, fused_recurrent_gdn2, fused_recurrent_gdn2_kla
+from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
 REFUSED = "refused (fla #640)"
@@ -76,6 +82,22 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# (prefill with final state, one-token decode from that state) per mixer.
+DECODE_OPS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]] = {
+    "gla": (functools.partial(chunk_gla, output_final_state=True), fused_recurrent_gla),
+    "gated_delta": (
+        functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True, output_final_state=True),
+        functools.partial(fused_recurrent_gated_delta_rule, use_qk_l2norm=True),
+    ),
+    "gdn2": (
+        functools.partial(chunk_gdn2, use_qk_l2norm=True, output_final_state=True),
+        functools.partial(fused_recurrent_gdn2, use_qk_l2norm=True),
+    ),
+    "gdn2_kla": (functools.partial(chunk_gdn2_kla, output_final_state=True), fused_recurrent_gdn2_kla),
+}
+DECODE_STEPS = 16
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
@@ -106,6 +128,63 @@ def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dty
     return errs | {f"d{n}": rel_err(gpu_in[n].grad, cpu_in[n].grad) for n in inputs}
 
 
+def decode_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, with_resets: bool) -> dict:
+    """Prefill T - 16 tokens (left-padded rows as documents with ``resets``), decode 16."""
+    gen = torch.Generator().manual_seed(B * T + H + 1)
+    inputs = _inputs(mixer, B, T, H, K, V, gen)
+    split = T - DECODE_STEPS
+    resets = None
+    if with_resets:  # row b's prompt starts at 37 * b: the padding before it is its own document
+        resets = torch.zeros(B, split, dtype=torch.bool)
+        resets[torch.arange(B), 37 * torch.arange(B)] = True
+    prefill, step = DECODE_OPS[mixer]
+
+    def run(device: str, kernel_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        x = [t.to(device, torch.float32 if n in FP32_INPUTS else kernel_dtype) for n, t in inputs.items()]
+        o, state = prefill(*(t[:, :split] for t in x), resets=None if resets is None else resets.to(device))
+        outs = [o] + [step(*(t[:, i : i + 1] for t in x), state) for i in range(split, T)]
+        return torch.cat(outs, dim=1), state
+
+    with torch.no_grad():
+        o_gpu, state_gpu = run("cuda", dtype)
+        o_cpu, state_cpu = run("cpu", torch.float32)
+    return {
+        "o_prefill": rel_err(o_gpu[:, :split], o_cpu[:, :split]),
+        "o_decode": rel_err(o_gpu[:, split:], o_cpu[:, split:]),
+        "state": rel_err(state_gpu, state_cpu),
+    }
+
+
+def model_decode_case(pattern: str, dtype: torch.dtype) -> dict:
+    """Two left-padded prompts (300 and 170 tokens), 16 decoded tokens: logits GPU vs CPU fp32."""
+    args = hybrid_flavors["debug"].replace(
+        dim=256, n_heads=4, n_kv_heads=2, vocab_size=1024, pattern=pattern, n_layers=len(pattern),
+        attn_sink=True, rope_dims=32, attn_window=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HybridLM(args)
+    model.init_weights()
+    model.eval()
+    lengths = torch.tensor([300, 170])
+    tokens = torch.randint(0, args.vocab_size, (2, 300 + DECODE_STEPS))
+    prompts = tokens[:, :300].clone()
+    prompts[1] = torch.cat([torch.zeros(130, dtype=torch.long), tokens[1, :170]])
+    new = torch.stack([tokens[0, 300:], tokens[1, 170 : 170 + DECODE_STEPS]], dim=1)  # [steps, B]
+
+    def run(m: HybridLM, device: str, graph: bool) -> torch.Tensor:
+        logits, state = m.prefill(prompts.to(device), lengths.to(device), capacity=300 + DECODE_STEPS)
+        step = DecodeStep(m, state, cuda_graph=graph)
+        return torch.stack([logits] + [step(t.to(device)).clone() for t in new[:-1]])
+
+    ref = run(model, "cpu", graph=False)
+    gpu_model = HybridLM(args).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model = gpu_model.to(dtype).eval()
+    gpu_model.rope = gpu_model._rope(device="cuda")
+    out = run(gpu_model, "cuda", graph=True)
+    return {"logits_prefill": rel_err(out[0], ref[0]), "logits_decode": rel_err(out[1:], ref[1:])}
+
+
 def model_case(pattern: str, dtype: torch.dtype) -> dict:
     # Head dims 64, as in the 308M model, so the kernels' tuned configs are shared.
     args = hybrid_flavors["debug"].replace(
@@ -128,12 +207,17 @@ def model_case(pattern: str, dtype: torch.dtype) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixers", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--mixers", nargs="*", default=list(OPS), choices=list(OPS),
+                        help="mixers whose training kernels (forward + backward) to compare (none: skip)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--shapes", nargs="+", default=["2,1000,4,64,64"],
                         help="B,T,H,K,V per op case (each new K/V/dtype costs a Triton autotune)")
     parser.add_argument("--patterns", nargs="*", default=["gggA", "dddA", "222A", "kkkA"],
                         help="hybrid-model layer patterns to compare (none: skip the model cases)")
+    parser.add_argument("--decode", nargs="*", default=list(DECODE_OPS), choices=list(DECODE_OPS),
+                        help="mixers whose prefill + recurrent decode kernels to compare (none: skip)")
+    parser.add_argument("--decode-patterns", nargs="*", default=["gggA", "222A", "kkkA"],
+                        help="patterns whose model prefill + CUDA-graph decoding to compare (none: skip)")
     parser.add_argument("--out", help="append one JSON line per case to this file")
     cli = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -155,6 +239,14 @@ def main() -> int:
         for pattern in cli.patterns:
             record = {"case": "model", "mixer": pattern, "shape": (2, 300), "dtype": str(dtype)[6:], "resets": True}
             cases.append((record, dtype, functools.partial(model_case, pattern, dtype)))
+        for mixer in cli.decode:
+            for shape in shapes:
+                for resets in (False, True):
+                    record = {"case": "decode", "mixer": mixer, "shape": shape, "dtype": str(dtype)[6:], "resets": resets}
+                    cases.append((record, dtype, functools.partial(decode_case, mixer, *shape, dtype, resets)))
+        for pattern in cli.decode_patterns:
+            record = {"case": "model_decode", "mixer": pattern, "shape": (2, 300), "dtype": str(dtype)[6:], "resets": True}
+            cases.append((record, dtype, functools.partial(model_decode_case, pattern, dtype)))
 
     out = open(cli.out, "a") if cli.out else None
     rows, all_ok = [], True
@@ -182,10 +274,12 @@ def main() -> int:
 
 
 def _label(r: dict) -> str:
-    if r["case"] == "model":
-        return f"hybrid model `{r['mixer']}` {r['dtype']}"
+    if r["case"] in ("model", "model_decode"):
+        what = "prefill + decode" if r["case"] == "model_decode" else "forward"
+        return f"hybrid model `{r['mixer']}` {what} {r['dtype']}"
     B, T, H, K, V = r["shape"]
-    return f"{r['mixer']} B{B} T{T} H{H} K{K} V{V} {r['dtype']}{', resets' if r['resets'] else ''}"
+    what = "prefill + decode " if r["case"] == "decode" else ""
+    return f"{r['mixer']} {what}B{B} T{T} H{H} K{K} V{V} {r['dtype']}{', resets' if r['resets'] else ''}"
 
 
 def _fmt(v: float | str) -> str:

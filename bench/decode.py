@@ -1,0 +1,197 @@
+"""Decode speed and state size against generated length: what recurrent layers buy at inference.
+
+For each model (the 308M hybrid ``gggA x 6``, the same dims all-attention ``A x 24`` and all-GLA
+``g x 24``; random bf16 weights), batch and length L, the decoding state is filled as if L tokens
+had been generated, then the one-token step (``HybridLM.decode_step`` captured in a CUDA graph,
+as ``titan_hybrid.generate`` runs it) is timed with CUDA events. Reported per case: ms per step,
+state bytes at L (KV caches + recurrent states), and the memory bandwidth the step achieves,
+(weight bytes + state bytes read) / time, against the GPU's (a measured device copy and the
+datasheet figure). One JSON line per case to ``--out``; ``--plot`` draws latency and state
+memory against length (one line per model and batch) from such a file, on any machine.
+
+    python -m bench.decode --out decode.jsonl [--lengths 1024 4096 16384 65536] [--batches 1 16]
+    python -m bench.decode --plot decode.jsonl --png decode.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+
+MODELS = {
+    "hybrid 308M (gggA x6)": "gggA" * 6,
+    "all-attention (A x24)": "A" * 24,
+    "all-GLA (g x24)": "g" * 24,
+}
+# Datasheet HBM bandwidth (bytes/s) by device name substring.
+DATASHEET_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def build(pattern: str) -> HybridLM:
+    args = hybrid_flavors["308M"].replace(pattern=pattern, n_layers=len(pattern))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = HybridLM(args)
+        model.init_weights()
+    return model.to(torch.bfloat16).eval()
+
+
+def state_bytes(model: HybridLM, batch: int, length: int) -> int:
+    """Bytes of the decoding state after ``length`` tokens (shapes only, on the meta device)."""
+    dtype = torch.bfloat16
+    states = [block.mixer.empty_state(batch, length, dtype, torch.device("meta")) for block in model.layers.values()]
+    return sum(t.numel() * t.element_size() for s in states for t in s.tensors())
+
+
+def fill(state, length: int) -> None:
+    """Random contents, as if ``length`` tokens had been decoded (the values do not change the speed)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer in state.layers:
+        for t in layer.tensors():
+            t.copy_(torch.randn(t.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.1)
+    state.positions.fill_(length)
+
+
+def copy_bandwidth() -> float:
+    """Achieved device-to-device copy bandwidth (bytes read + written per second) on 2 GiB."""
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * x.element_size() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def time_steps(model: HybridLM, batch: int, length: int, steps: int) -> dict:
+    from titan_hybrid.generate import DecodeStep
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    state = model.empty_decode_state(batch, capacity=length + steps + 8)
+    fill(state, length)
+    started = time.perf_counter()
+    step = DecodeStep(model, state, cuda_graph=True)
+    capture_s = time.perf_counter() - started
+    tokens = torch.randint(0, model.model_args.vocab_size, (batch,), device="cuda")
+    for _ in range(3):
+        step(tokens)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step(tokens)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    read = weights + state.nbytes()
+    return {
+        "ms_per_step": ms,
+        "tokens_per_s": batch * 1e3 / ms,
+        "state_bytes": state_bytes(model, batch, length),
+        "weight_bytes": weights,
+        "bytes_read_per_step": read,
+        "achieved_bandwidth": read / (ms / 1e3),
+        "capture_s": capture_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def measure(cli: argparse.Namespace) -> int:
+    import fla
+    import triton
+
+    device = torch.cuda.get_device_name()
+    datasheet = next((bw for name, bw in DATASHEET_BANDWIDTH.items() if name in device), None)
+    env = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "fla": fla.__version__,
+           "copy_bandwidth": copy_bandwidth(), "datasheet_bandwidth": datasheet}  # fmt: skip
+    print(json.dumps(env), flush=True)
+    out = open(cli.out, "a") if cli.out else None
+    for name in cli.models:
+        model = build(MODELS[name])
+        for batch in cli.batches:
+            for length in cli.lengths:
+                record = {"model": name, "batch": batch, "length": length, **env}
+                try:
+                    record |= time_steps(model, batch, length, cli.steps)
+                except torch.OutOfMemoryError as e:
+                    record["error"] = f"out of memory: {str(e)[:200]}"
+                bw = record.get("achieved_bandwidth")
+                line = f"{name:24} B{batch:<3} L{length:<6} " + (
+                    f"{record['ms_per_step']:.3f} ms/step  state {record['state_bytes'] / 2**20:10.1f} MiB  "
+                    f"{bw / 1e12:.2f} TB/s ({bw / env['copy_bandwidth']:.0%} of copy"
+                    + (f", {bw / datasheet:.0%} of datasheet)" if datasheet else ")")
+                    if bw else record["error"]
+                )  # fmt: skip
+                print(line, flush=True)
+                if out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+        del model
+    if out:
+        out.close()
+    return 0
+
+
+def plot(path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(path) if line.strip().startswith('{"model"')]
+    rows = [r for r in rows if "ms_per_step" in r]
+    fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = dict(zip(MODELS, ["tab:blue", "tab:red", "tab:green"]))
+    for name in MODELS:
+        for batch, style in zip(sorted({r["batch"] for r in rows}), ["-o", "--s", ":^"]):
+            pts = sorted((r["length"], r) for r in rows if r["model"] == name and r["batch"] == batch)
+            if not pts:
+                continue
+            xs = [length for length, _ in pts]
+            label = f"{name}, batch {batch}"
+            ax_ms.plot(xs, [r["ms_per_step"] for _, r in pts], style, color=colors[name], label=label)
+            ax_mem.plot(xs, [r["state_bytes"] / 2**30 for _, r in pts], style, color=colors[name], label=label)
+    for ax, title, unit in [(ax_ms, "time per decode step", "ms / step"), (ax_mem, "decoding state", "GiB")]:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens generated so far")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_ms.legend(fontsize=7)
+    device = rows[0]["device"] if rows else ""
+    fig.suptitle(f"titan-hybrid decoding, 308M dims, bf16, CUDA graph, {device}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per case")
+    parser.add_argument("--out", help="append one JSON line per case")
+    parser.add_argument("--plot", metavar="JSONL", help="draw a results file instead of measuring")
+    parser.add_argument("--png", default="decode.png")
+    cli = parser.parse_args()
+    if cli.plot:
+        plot(cli.plot, cli.png)
+        return 0
+    assert torch.cuda.is_available(), "measuring needs a CUDA GPU (--plot does not)"
+    return measure(cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from titan_hybrid.checkpoint import checkpoint_problem, read_marker, step_dirs
 from titan_hybrid.hf import TitanHybridConfig, TitanHybridForCausalLM
 from titan_hybrid.hf.configuration_titan_hybrid import ARG_NAMES, model_args_from
+from titan_hybrid.hf.fla_gla import FlaGLAStateDictAdapter, fla_gla_config
 from titan_hybrid.hf.state_dict_adapter import HybridStateDictAdapter
 from titan_hybrid.models.hybrid import HybridLM
 
@@ -74,11 +75,15 @@ def load_checkpoint_model(step_dir: str) -> HybridLM:
     return model.eval()
 
 
-def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
+def export(run_dir: str, out_dir: str, step: int | None = None, format: str = "titan_hybrid") -> str:
+    """``format``: ``titan_hybrid`` (our model code, any pattern) or ``fla`` (fla's GLAForCausalLM)."""
     step_dir = find_step_dir(run_dir, step)
     marker = read_marker(step_dir)
-    info = {"flavor": marker["model"]["flavor"], "step": marker["step"]}
-    save_hf(load_checkpoint_model(step_dir), out_dir, marker.get("hf_assets_path"), **info)
+    model, tokenizer_dir = load_checkpoint_model(step_dir), marker.get("hf_assets_path")
+    if format == "fla":
+        save_fla(model, out_dir, tokenizer_dir)
+    else:
+        save_hf(model, out_dir, tokenizer_dir, flavor=marker["model"]["flavor"], step=marker["step"])
     return step_dir
 
 
@@ -91,6 +96,21 @@ def save_hf(model: HybridLM, out_dir: str, tokenizer_dir: str | None = None, **i
     adapter = HybridStateDictAdapter(model.model_args, None)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     hf_model.save_pretrained(out_dir, state_dict=adapter.to_hf(state))
+    copy_tokenizer(tokenizer_dir, out_dir)
+
+
+def save_fla(model: HybridLM, out_dir: str, tokenizer_dir: str | None = None) -> None:
+    """Write ``model`` as fla's ``GLAForCausalLM`` (``model_type = "gla"``; needs fla, flash-attn for
+    attention layers, and a GPU to run); raises ValueError if the model is not expressible in it."""
+    config = fla_gla_config(model.model_args)
+    config.architectures = ["GLAForCausalLM"]
+    config.save_pretrained(out_dir)
+    state = FlaGLAStateDictAdapter(model.model_args).to_hf(model.state_dict())
+    save_file(state, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+    copy_tokenizer(tokenizer_dir, out_dir)
+
+
+def copy_tokenizer(tokenizer_dir: str | None, out_dir: str) -> None:
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in os.listdir(tokenizer_dir):
             src = os.path.join(tokenizer_dir, name)
@@ -101,17 +121,21 @@ def save_hf(model: HybridLM, out_dir: str, tokenizer_dir: str | None = None, **i
 def exported_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The ``HybridLM`` state dict of an exported folder (Hugging Face names mapped back)."""
     with open(os.path.join(path, CONFIG)) as f:
-        args = model_args_from(json.load(f))
-    return HybridStateDictAdapter(args, None).from_hf(load_file(os.path.join(path, WEIGHTS), device=str(device)))
+        config = json.load(f)
+    if config.get("model_type") != TitanHybridConfig.model_type:
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not a titan_hybrid export")
+    adapter = HybridStateDictAdapter(model_args_from(config), None)
+    return adapter.from_hf(load_file(os.path.join(path, WEIGHTS), device=str(device)))
 
 
 def load_exported(path: str, device: str | torch.device = "cpu") -> HybridLM:
     """A ``HybridLM`` from an exported folder, in eval mode; no torch.distributed involved."""
+    weights = exported_weights(path, device)
     with open(os.path.join(path, CONFIG)) as f:
         args = model_args_from(json.load(f))
     with torch.device(device):
         model = HybridLM(args)
-    model.load_state_dict(exported_weights(path, device))
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -128,12 +152,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
     parser.add_argument("--seed", action="store_true", help="reverse: exported folder -> DCP seed checkpoint")
+    parser.add_argument(
+        "--format",
+        choices=["titan_hybrid", "fla"],
+        default="titan_hybrid",
+        help="titan_hybrid: our model code (every pattern, CPU and GPU); fla: fla's GLAForCausalLM ('g'/'A' only)",
+    )
     args = parser.parse_args(argv)
     if args.seed:
         to_seed_checkpoint(args.src, args.out)
         print(f"wrote a seed checkpoint to {args.out}; start a run with --checkpoint.initial_load_path {args.out}")
     else:
-        step_dir = export(args.src, args.out, args.step)
+        step_dir = export(args.src, args.out, args.step, args.format)
         print(f"exported {step_dir} to {args.out}")
 
 

@@ -9,6 +9,7 @@ training loader nor any global RNG.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from tokenizers import Tokenizer
@@ -17,7 +18,7 @@ from torchtitan.config import JobConfig
 
 from .dataloader import Batch, DataConfigError, SOURCES, document_columns, holdout_shards, source_of
 from .packing import Encoder, Packer, check_special_tokens, collate
-from .sources import DataSourceError, ShardSource, list_shards
+from .sources import ShardSource, list_shards
 
 
 def validation_files(job_config: JobConfig, name: str) -> list[str]:
@@ -28,10 +29,13 @@ def validation_files(job_config: JobConfig, name: str) -> list[str]:
         )
     split = getattr(job_config.hybrid_validation, name)
     if split.path:
+        if split.path.startswith(("/", ".")) and not os.path.isdir(split.path):
+            raise DataConfigError(f"[hybrid_validation.{name}] path: no such directory {split.path!r}")
         try:
             return list_shards(split.path, split.data_dir)
-        except DataSourceError as e:
-            raise DataConfigError(f"[hybrid_validation.{name}] path / data_dir: {e}") from None
+        except Exception as e:  # DataSourceError, or the hub's listing errors
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataConfigError(f"[hybrid_validation.{name}] path / data_dir: {first_line}") from None
     held = holdout_shards(name, source_of(job_config.hybrid_data, name))
     if not held:
         raise DataConfigError(

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, INTERVAL = 6, 3
-LOSS = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
+LOSS = re.compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*([0-9.]+)")
 
 
 def train(dump_folder: Path) -> dict[int, str]:

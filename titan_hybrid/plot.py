@@ -18,6 +18,9 @@ from tensorboard.backend.event_processing.event_accumulator import SCALARS, Even
 TRAIN_LOSS = "loss_metrics/global_avg_loss"
 VALIDATION = "validation_metrics"
 Curve = dict[int, float]
+TRAIN_COLOUR = "tab:blue"
+VALIDATION_COLOURS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+"""Overall first, then per source."""
 
 
 def read_scalars(run_dir: str) -> dict[str, Curve]:
@@ -57,13 +60,11 @@ def plot(run_dir: str, out: str | None = None) -> str:
     out = out or os.path.join(run_dir, "curves.png")
     fig, (loss_ax, bpb_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     train = curves[TRAIN_LOSS]
-    loss_ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", color="tab:blue")
-    for name, curve in validation_curves(curves, "loss").items():
-        steps = sorted(curve)
-        loss_ax.plot(steps, [curve[s] for s in steps], marker="o", label=f"validation ({name})")
-    for name, curve in validation_curves(curves, "bpb").items():
-        steps = sorted(curve)
-        bpb_ax.plot(steps, [curve[s] for s in steps], marker="o", label=name)
+    loss_ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", color=TRAIN_COLOUR)
+    for metric, ax, label in (("loss", loss_ax, "validation ({})"), ("bpb", bpb_ax, "{}")):
+        for (name, curve), colour in zip(validation_curves(curves, metric).items(), VALIDATION_COLOURS):
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s] for s in steps], marker="o", color=colour, label=label.format(name))
     loss_ax.set(title="loss (nats / token)", xlabel="step")
     bpb_ax.set(title="validation bits per byte", xlabel="step")
     for ax in (loss_ax, bpb_ax):

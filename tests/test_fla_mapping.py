@@ -16,7 +16,9 @@ from titan_hybrid.hf.fla_gla import FlaGLAStateDictAdapter, fla_mismatches
 from titan_hybrid.models.hybrid import HybridLM, HybridModelArgs, hybrid_flavors
 from titan_hybrid.models.hybrid.attention import apply_rope
 
-ARGS = HybridModelArgs(dim=32, n_layers=4, pattern="gAgA", n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=256, attn_window=6)
+ARGS = HybridModelArgs(
+    dim=32, n_layers=4, pattern="gAgA", n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=256, attn_window=6
+)
 
 
 @pytest.fixture(scope="module")

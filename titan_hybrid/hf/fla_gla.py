@@ -41,7 +41,12 @@ _MIXER = {
         "o_norm.weight": "g_norm_swish_gate.weight",
         "o_proj.weight": "o_proj.weight",
     },
-    "A": {"wq.weight": "q_proj.weight", "wk.weight": "k_proj.weight", "wv.weight": "v_proj.weight", "wo.weight": "o_proj.weight"},
+    "A": {
+        "wq.weight": "q_proj.weight",
+        "wk.weight": "k_proj.weight",
+        "wv.weight": "v_proj.weight",
+        "wo.weight": "o_proj.weight",
+    },
 }
 _TOP = {"tok_embeddings.weight": "model.embeddings.weight", "norm.weight": "model.norm.weight"}
 
@@ -113,8 +118,8 @@ class FlaGLAStateDictAdapter(StateDictAdapter):
         if not re.fullmatch(r"layers\.\d+\.mixer\.w[qk]\.weight", key):
             return weight
         d = self.model_args.head_dim
-        heads = weight.view(-1, d // 2, 2, weight.shape[1]) if not inverse else weight.view(-1, 2, d // 2, weight.shape[1])
-        return heads.transpose(1, 2).reshape(weight.shape).contiguous()
+        pairs = (2, d // 2) if inverse else (d // 2, 2)
+        return weight.view(-1, *pairs, weight.shape[1]).transpose(1, 2).reshape(weight.shape).contiguous()
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return {self.to_hf_map[k]: self._rope_rows(k, v, inverse=False) for k, v in state_dict.items()}

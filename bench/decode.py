@@ -73,17 +73,26 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() * 20 / (start.elapsed_time(end) / 1e3)
 
 
-def time_steps(model: HybridLM, batch: int, length: int, steps: int) -> dict:
+def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile: bool) -> dict:
     from titan_hybrid.generate import DecodeStep
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     state = model.empty_decode_state(batch, capacity=length + steps + 8)
     fill(state, length)
-    started = time.perf_counter()
-    step = DecodeStep(model, state, cuda_graph=True)
-    capture_s = time.perf_counter() - started
     tokens = torch.randint(0, model.model_args.vocab_size, (batch,), device="cuda")
+    check = {}
+    if compile:  # the compiled graph's first logits against the eager step's, from the same state
+        saved = state.snapshot()
+        eager = model.decode_step(tokens, state).float()
+        state.restore(saved)
+        del saved
+    started = time.perf_counter()
+    step = DecodeStep(model, state, cuda_graph=True, compile=compile)
+    capture_s = time.perf_counter() - started
+    if compile:
+        first = step(tokens).float()
+        check = {"compiled_vs_eager_rel_err": ((first - eager).norm() / eager.norm()).item()}
     for _ in range(3):
         step(tokens)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,6 +113,7 @@ def time_steps(model: HybridLM, batch: int, length: int, steps: int) -> dict:
         "achieved_bandwidth": read / (ms / 1e3),
         "capture_s": capture_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        **check,
     }
 
 
@@ -121,13 +131,13 @@ def measure(cli: argparse.Namespace) -> int:
         model = build(MODELS[name])
         for batch in cli.batches:
             for length in cli.lengths:
-                record = {"model": name, "batch": batch, "length": length, **env}
+                record = {"model": name, "batch": batch, "length": length, "compile": cli.compile, **env}
                 try:
-                    record |= time_steps(model, batch, length, cli.steps)
+                    record |= time_steps(model, batch, length, cli.steps, cli.compile)
                 except torch.OutOfMemoryError as e:
                     record["error"] = f"out of memory: {str(e)[:200]}"
                 bw = record.get("achieved_bandwidth")
-                line = f"{name:24} B{batch:<3} L{length:<6} " + (
+                line = f"{name:24} B{batch:<3} L{length:<6} {'compiled ' if cli.compile else ''}" + (
                     f"{record['ms_per_step']:.3f} ms/step  state {record['state_bytes'] / 2**20:10.1f} MiB  "
                     f"{bw / 1e12:.2f} TB/s ({bw / env['copy_bandwidth']:.0%} of copy"
                     + (f", {bw / datasheet:.0%} of datasheet)" if datasheet else ")")
@@ -182,6 +192,7 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per case")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step before capturing it")
     parser.add_argument("--out", help="append one JSON line per case")
     parser.add_argument("--plot", metavar="JSONL", help="draw a results file instead of measuring")
     parser.add_argument("--png", default="decode.png")

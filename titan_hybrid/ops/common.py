@@ -191,6 +191,16 @@ def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list
     return [x.reshape(1, B * T, *x.shape[2:]) for x in tensors], resets_to_cu_seqlens(resets)
 
 
+@torch.compiler.disable
+def call_fla_step(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], *tensors: torch.Tensor, state: torch.Tensor,
+                  **kwargs) -> torch.Tensor:  # fmt: skip
+    """Run an fla ``fused_recurrent_*`` kernel for one token from ``state``, which takes the new
+    state in place (a CUDA graph replays on fixed buffers). Kept out of torch.compile graphs."""
+    o, new_state = kernel(*tensors, initial_state=state, output_final_state=True, **kwargs)
+    state.copy_(new_state)
+    return o
+
+
 def last_document_of_rows(resets: torch.Tensor) -> torch.Tensor:
     """Index, among ``pack_rows``' varlen segments, of each row's last segment ``[B]``."""
     segments = resets.clone()

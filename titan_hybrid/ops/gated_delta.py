@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm, recurrent_step_torch
+from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, l2norm, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
@@ -89,12 +89,10 @@ def fused_recurrent_gated_delta_rule(
 ) -> torch.Tensor:
     """Decode one token: q, k [B,1,H,K], v [B,1,H,V], g, beta [B,1,H]; fp32 ``state`` updated in place."""
     if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
-        o, new_state = _fla_fused_recurrent_gated_delta_rule(
-            q, k, v, g, beta=beta, scale=scale, initial_state=state, output_final_state=True,
+        return call_fla_step(
+            _fla_fused_recurrent_gated_delta_rule, q, k, v, g, state=state, beta=beta, scale=scale,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
         )  # fmt: skip
-        state.copy_(new_state)
-        return o
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     beta = beta.unsqueeze(-1)

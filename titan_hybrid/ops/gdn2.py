@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, l2norm, recurrent_step_torch
+from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, l2norm, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gdn2 import chunk_gdn2 as _fla_chunk_gdn2
@@ -83,12 +83,9 @@ def fused_recurrent_gdn2(
 ) -> torch.Tensor:
     """Decode one token of GDN-2: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place."""
     if q.is_cuda and _fla_chunk_gdn2 is not None:
-        o, new_state = _fla_fused_recurrent_gdn2(
-            q, k, v, g, b, w, scale=scale, initial_state=state, output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )  # fmt: skip
-        state.copy_(new_state)
-        return o
+        return call_fla_step(
+            _fla_fused_recurrent_gdn2, q, k, v, g, b, w, state=state, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm
+        )
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     return recurrent_step_torch(q, k, v, g, state, b=b, w=w, scale=scale)

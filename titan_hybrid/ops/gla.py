@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, chunk_recurrence_torch, pack_rows, recurrent_step_torch
+from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, pack_rows, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gla import chunk_gla as _fla_chunk_gla
@@ -71,9 +71,7 @@ def fused_recurrent_gla(
     """Decode one token: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place;
     fla's ``fused_recurrent_gla`` on CUDA, ``recurrent_step_torch`` elsewhere."""
     if q.is_cuda and _fla_gla_fwd is not None:
-        o, new_state = _fla_fused_recurrent_gla(q, k, v, gk=g, scale=scale, initial_state=state, output_final_state=True)
-        state.copy_(new_state)
-        return o
+        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=g, scale=scale)
     return recurrent_step_torch(q, k, v, g, state, scale=scale)
 
 

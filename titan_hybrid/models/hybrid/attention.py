@@ -154,7 +154,10 @@ class Attention(nn.Module):
         return out, cache
 
     def cache_slots(self, capacity: int) -> int:
-        return min(self.window, capacity) if self.window else capacity
+        """A window's ring; otherwise the capacity, rounded up to whole ``DECODE_SPLIT`` slices."""
+        if self.window:
+            return min(self.window, capacity)
+        return -(-capacity // DECODE_SPLIT) * DECODE_SPLIT
 
     def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         shape = (batch, self.n_kv_heads, self.cache_slots(capacity), self.head_dim)
@@ -174,25 +177,31 @@ class Attention(nn.Module):
         return self.wo(o.reshape(B, 1, -1))
 
 
+# Keys per partial sum of the decode step's probabilities x values (a split-K product).
+DECODE_SPLIT = 512
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, sink_k: torch.Tensor | None
 ) -> torch.Tensor:
     """Softmax attention of one query per head ``q [B, H, 1, D]`` over cached ``k, v [B, KV, S, D]``
     where ``valid [B, S]``; returns ``[B, H, D]``.
 
-    The query heads of a KV group attend as a ``[G, D]`` block, so every cached key and value is
-    read once per step (not once per query head); scores and softmax in fp32. A sink key adds
-    one logit with a zero value.
+    Memory-bound, so shaped to read the cache once at full bandwidth: the query heads of a KV
+    group attend as one ``[G, D]`` block (each cached key and value is read once per step, not
+    once per query head), and probabilities x values is summed over ``DECODE_SPLIT``-key slices
+    in parallel (one long reduction per head would leave most of the GPU idle). Softmax
+    accumulates in fp32. A sink key (zero value) only adds to the softmax denominator:
+    ``o * sigmoid(logsumexp(scores) - sink_logit)``.
     """
     B, H, _, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    q = q.reshape(B, KV, H // KV, D)
-    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, KV, G, S]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    if sink_k is not None:
-        sink = (q.float() * sink_k.float()[None, :, None, :]).sum(-1, keepdim=True) * D**-0.5
-        scores = torch.cat([sink, scores], dim=-1)
+    q = q.reshape(B, KV, H // KV, D) * D**-0.5
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))  # [B, KV, G, S]
     p = scores.softmax(dim=-1)
+    n = S // DECODE_SPLIT if S % DECODE_SPLIT == 0 else 1
+    o = (p.unflatten(-1, (n, S // n)).transpose(2, 3) @ v.unflatten(2, (n, S // n))).float().sum(dim=2)
     if sink_k is not None:
-        p = p[..., 1:]
-    return (p.to(v.dtype) @ v).reshape(B, H, D)
+        sink = (q.float() * sink_k.float()[None, :, None, :]).sum(-1, keepdim=True)
+        o = o * torch.sigmoid(torch.logsumexp(scores.float(), dim=-1, keepdim=True) - sink)
+    return o.to(v.dtype).reshape(B, H, D)

@@ -79,19 +79,26 @@ def test_resume_with_other_data_streams_says_how(reference, tmp_path):
     assert "its [hybrid_data] streams differ" in proc.stdout and "--hybrid_data.streams" in proc.stdout
 
 
-def test_truncated_latest_checkpoint_falls_back_and_keeps_everything(reference, tmp_path):
+def overwrite_middle(path: Path) -> None:
+    """Same-size damage: 64 bytes in the middle of the file replaced by their complement."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        block = f.read(64)
+        f.seek(-len(block), 1)
+        f.write(bytes(255 - b for b in block))
+
+
+def test_damaged_latest_checkpoint_falls_back_and_keeps_everything(reference, tmp_path):
+    """Same-size garbage in ``.metadata`` (unpicklable) is caught by its checksum before DCP reads it."""
     dump = tmp_path / "run"
     shutil.copytree(reference / "checkpoint", dump / "checkpoint")
     ckpt = dump / "checkpoint"
-    shard = ckpt / "step-15" / "__1_0.distcp"
-    full_size = shard.stat().st_size
-    with open(shard, "r+b") as f:
-        f.truncate(full_size // 2)
+    overwrite_middle(ckpt / "step-15" / ".metadata")
     before = {step: snapshot(ckpt / step) for step in ("step-5", "step-10", "step-15")}
 
     log = train(dump, *REFERENCE_ARGS).stdout
 
-    assert f"step-15: file __1_0.distcp has {full_size // 2} bytes, {full_size} were written" in log
+    assert "Checkpoint step-15: file .metadata has xxh3_64 " in log and "(same size, altered content)" in log
     assert "Falling back to step-10. Nothing in" in log
     assert f"Loading the checkpoint from {ckpt}/step-10." in log
     want, got = records(reference), records(dump)
@@ -102,9 +109,22 @@ def test_truncated_latest_checkpoint_falls_back_and_keeps_everything(reference, 
     assert snapshot(aside) == before["step-15"]
 
 
-def test_incomplete_checkpoints_are_never_chosen(reference, tmp_path):
+def test_fallback_is_fatal_with_on_fallback_stop(reference, tmp_path):
+    dump = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint", dump / "checkpoint")
+    overwrite_middle(dump / "checkpoint" / "step-15" / "__1_0.distcp")
+
+    proc = train(dump, *REFERENCE_ARGS, "--checkpoint.on_fallback", "stop", check=False)
+
+    assert proc.returncode != 0
+    assert f"{dump}/checkpoint/step-15: file __1_0.distcp has xxh3_64" in proc.stdout
+    assert "not falling back to step-10 ([checkpoint] on_fallback = 'stop')" in proc.stdout
+    assert not records(dump), "it trained"
+
+
+def test_incomplete_or_damaged_checkpoints_are_never_chosen(reference, tmp_path):
     folder = tmp_path / "checkpoint"
-    for step in (5, 10, 15, 20, 25):
+    for step in (5, 10, 15, 20, 25, 30, 35):
         shutil.copytree(reference / "checkpoint" / "step-10", folder / f"step-{step}")
     (folder / "step-10" / ".metadata").unlink()  # died before DCP's final write
     (folder / "step-15" / COMPLETE_MARKER).unlink()  # died before the save was confirmed
@@ -112,13 +132,16 @@ def test_incomplete_checkpoints_are_never_chosen(reference, tmp_path):
         f.write(b"x")
     marker = folder / "step-25" / COMPLETE_MARKER  # a last save with last_save_model_only
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "model_only": True}))
+    overwrite_middle(folder / "step-30" / "__1_0.distcp")  # same size, a weight altered
+    overwrite_middle(folder / "step-35" / ".metadata")  # same size, unpicklable
 
     step, reasons = newest_resumable_step(str(folder))
 
     assert step == 5
-    assert [r.split(":")[0] for r in reasons] == ["step-25", "step-20", "step-15", "step-10"]
-    assert "model-only" in reasons[0] and "has" in reasons[1] and COMPLETE_MARKER in reasons[2]
-    assert "missing .metadata" in reasons[3]
+    assert [r.split(":")[0] for r in reasons] == ["step-35", "step-30", "step-25", "step-20", "step-15", "step-10"]
+    assert "file .metadata has xxh3_64" in reasons[0] and "file __1_0.distcp has xxh3_64" in reasons[1]
+    assert "model-only" in reasons[2] and "bytes" in reasons[3] and COMPLETE_MARKER in reasons[4]
+    assert "missing .metadata" in reasons[5]
 
 
 def test_rng_state_round_trip():

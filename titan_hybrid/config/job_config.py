@@ -162,6 +162,15 @@ class HybridValidation:
 
 
 @dataclass
+class Checkpoint:
+    """Fields added to TorchTitan's ``[checkpoint]``; see docs/checkpointing.md."""
+
+    on_fallback: Literal["warn", "stop"] = "warn"
+    """When a newer checkpoint is damaged or incomplete: warn and resume from the newest good one,
+    or stop the run naming the bad file. Passing over a model-only last save is never a fallback."""
+
+
+@dataclass
 class Resilience:
     """Non-finite-loss policy and the per-step record (``[resilience]``); see docs/checkpointing.md."""
 
@@ -180,4 +189,5 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     hybrid_data: HybridData = field(default_factory=HybridData)
     hybrid_validation: HybridValidation = field(default_factory=HybridValidation)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     resilience: Resilience = field(default_factory=Resilience)

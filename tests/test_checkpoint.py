@@ -162,6 +162,7 @@ def test_nonfinite_loss_stops_the_run_without_a_checkpoint(tmp_path):
 
     assert proc.returncode != 0
     assert "step 3: non-finite loss nan" in proc.stdout and "stopping" in proc.stdout
+    assert f"The newest good checkpoint is {dump}/checkpoint/step-2: run the same command" in proc.stdout
     assert (dump / "nonfinite" / "step_3_rank_0.pt").is_file()
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-2"]
     model = load_checkpoint_model(str(dump / "checkpoint" / "step-2"))
@@ -180,3 +181,23 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
     at_2, at_3 = (load_checkpoint_model(str(ckpt / f"step-{s}")).state_dict() for s in (2, 3))
     assert all(torch.equal(at_2[k], at_3[k]) for k in at_2), "the skipped step changed the weights"
     assert all(torch.isfinite(p).all() for p in load_checkpoint_model(str(ckpt / "step-4")).parameters())
+
+
+def test_nonfinite_grad_norm_is_skipped_and_capped(tmp_path):
+    """lr 1e6: the loss stays finite, the gradients turn NaN from step 2 on; two skips, then a stop."""
+    dump = tmp_path / "run"
+
+    proc = train(dump, "--training.steps", "6", "--optimizer.lr", "1e6", "--checkpoint.interval", "1",
+                 "--resilience.on_nonfinite_loss", "skip", "--resilience.max_consecutive_skips", "2",
+                 check=False)  # fmt: skip
+
+    assert proc.returncode != 0
+    assert "step 2: loss " in proc.stdout and ", non-finite grad norm nan;" in proc.stdout
+    assert "skipping the update (resilience.on_nonfinite_loss = 'skip', 2 in a row of at most 2)" in proc.stdout
+    assert "3 non-finite steps in a row, more than resilience.max_consecutive_skips = 2: stopping." in proc.stdout
+    assert f"The newest good checkpoint is {dump}/checkpoint/step-3: run the same command" in proc.stdout
+    rec = records(dump)
+    assert all(rec[s]["loss"] == rec[s]["loss"] for s in rec), "the loss itself stayed finite"
+    assert [rec[s]["skipped"] for s in (1, 2, 3, 4)] == [False, True, True, True]
+    at = {s: load_checkpoint_model(str(dump / "checkpoint" / f"step-{s}")).state_dict() for s in (1, 3)}
+    assert all(torch.equal(at[1][k], at[3][k]) for k in at[1]), "a NaN-gradient update was applied"

@@ -222,9 +222,17 @@ class ResilientCheckpointManager(CheckpointManager):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             raise NonFiniteWeightsError(
-                f"step {step}: the model weights contain NaN/Inf; refusing to write a checkpoint. "
-                f"Resume from the last good one in {self.folder}."
+                f"step {step}: the model weights contain NaN/Inf; refusing to write a checkpoint. {self.resume_hint()}"
             )
+
+    def resume_hint(self) -> str:
+        """Where a failed run can go on from: the newest resumable checkpoint, if there is one."""
+        if not self.enable:
+            return "Checkpointing is off ([checkpoint] enable = false): nothing to resume from."
+        step, _ = newest_resumable_step(self.folder)
+        if step < 0:
+            return f"No resumable checkpoint in {self.folder} yet: the run can only start again from scratch."
+        return f"The newest good checkpoint is {self._create_checkpoint_id(step)}: run the same command to resume from it."
 
     def _set_aside_existing(self, step: int) -> None:
         """Move an existing ``step-N`` aside, so a new save never mixes with old files."""

@@ -1,14 +1,17 @@
-"""TorchTitan's Trainer with fault-tolerant checkpoints and a non-finite-loss guard.
+"""TorchTitan's Trainer with fault-tolerant checkpoints and a non-finite-step guard.
 
 What it adds (configured under ``[resilience]``, see docs/checkpointing.md):
 
 - ``ResilientCheckpointManager`` (completion markers, validated resume) and the
   RNG state in every checkpoint;
-- after the backward of the last microbatch, the global loss is checked on all
-  ranks alike; a non-finite loss is logged with its step and batch (the batch is
-  saved under ``<dump_folder>/nonfinite/``) and then either stops the run or
-  skips the update (gradients dropped, so the optimizer leaves weights and
-  state untouched; the step, the data and the LR schedule still advance);
+- after the backward of the last microbatch, the global loss and the global
+  gradient norm are checked on all ranks alike (a finite loss can still give
+  NaN gradients, e.g. at a far too high learning rate); a non-finite one is
+  logged with its step and batch (the batch is saved under
+  ``<dump_folder>/nonfinite/``) and then either stops the run or skips the
+  update (gradients dropped, so the optimizer leaves weights and state
+  untouched; the step, the data and the LR schedule still advance), at most
+  ``max_consecutive_skips`` times in a row;
 - optionally a per-rank JSONL record of the exact loss and batch fingerprints of
   every step, which the resume tests compare bit for bit.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import Any, Iterable, Iterator
 
@@ -25,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torchtitan.components.checkpoint import TRAIN_STATE
 from torchtitan.config import JobConfig
+from torch.distributed.tensor import DTensor
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
@@ -34,8 +39,8 @@ from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss was NaN/Inf and ``resilience.on_nonfinite_loss = "stop"``."""
+class NonFiniteStepError(RuntimeError):
+    """The loss or gradient norm was NaN/Inf and the run cannot go on (``stop``, or too many skips)."""
 
 
 def row_fingerprints(tokens: torch.Tensor) -> list[str]:
@@ -50,6 +55,7 @@ class HybridTrainer(Trainer):
         self.resilience = job_config.resilience
         self._step_batches: list[Batch] = []
         self._step_losses: list[torch.Tensor] = []
+        self._consecutive_skips = 0
         self.checkpointer.close()  # replaced below; its purge thread must not linger
         self.checkpointer = ResilientCheckpointManager(
             dataloader=self.dataloader,
@@ -109,15 +115,24 @@ class HybridTrainer(Trainer):
         loss = super().forward_backward_step(**kwargs)
         self._step_losses.append(loss.detach())
         if len(self._step_losses) == self.gradient_accumulation_steps:
-            self._check_step_loss()
+            self._check_step()
         return loss
 
-    def _check_step_loss(self) -> None:
+    def _grad_norm(self) -> float:
+        """The global L2 norm of the gradients, as TorchTitan's clipping computes it (the same on every rank)."""
+        grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+    def _check_step(self) -> None:
         """Runs after the last backward of a step, before clipping and the optimizer step."""
         local = torch.stack(self._step_losses).sum()
         loss_mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
         global_loss = dist_utils.dist_sum(local, loss_mesh)
-        finite = bool(torch.isfinite(torch.tensor(global_loss)))
+        grad_norm = self._grad_norm()
+        finite = math.isfinite(global_loss) and math.isfinite(grad_norm)
+        if finite:
+            self._consecutive_skips = 0
         if finite and not self._record_path:
             return  # fingerprints copy every row to the host: only when they are needed
         rows = [row_fingerprints(input_dict["input"]) for input_dict, _ in self._step_batches]
@@ -128,13 +143,24 @@ class HybridTrainer(Trainer):
         if finite:
             return
         batch_file = self._save_batch()
-        message = (
-            f"step {self.step}: non-finite loss {global_loss} (this rank's share: {local.item()}); "
-            f"rank {dist.get_rank()} batch rows {rows}, saved to {batch_file}"
-        )
+        loss_text = f"loss {global_loss} (this rank's share: {local.item()})"
+        what = f"non-finite {loss_text}, grad norm" if not math.isfinite(global_loss) else f"{loss_text}, non-finite grad norm"
+        message = f"step {self.step}: {what} {grad_norm}; rank {dist.get_rank()} batch rows {rows}, saved to {batch_file}"
         if self.resilience.on_nonfinite_loss == "stop":
-            raise NonFiniteLossError(message + "; stopping (resilience.on_nonfinite_loss = 'stop')")
-        logger.warning(message + "; skipping the update (resilience.on_nonfinite_loss = 'skip')")
+            raise NonFiniteStepError(
+                f"{message}; stopping (resilience.on_nonfinite_loss = 'stop'). {self.checkpointer.resume_hint()}"
+            )
+        self._consecutive_skips += 1
+        cap = self.resilience.max_consecutive_skips
+        if cap and self._consecutive_skips > cap:
+            raise NonFiniteStepError(
+                f"{message}; {self._consecutive_skips} non-finite steps in a row, more than "
+                f"resilience.max_consecutive_skips = {cap}: stopping. {self.checkpointer.resume_hint()}"
+            )
+        logger.warning(
+            f"{message}; skipping the update (resilience.on_nonfinite_loss = 'skip', "
+            f"{self._consecutive_skips} in a row of at most {cap or 'unlimited'})"
+        )
         for model in self.model_parts:
             for p in model.parameters():
                 p.grad = None

@@ -175,7 +175,11 @@ class Resilience:
     """Non-finite-loss policy and the per-step record (``[resilience]``); see docs/checkpointing.md."""
 
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
-    """On a NaN/Inf loss: stop the run, or skip that step's update (weights and optimizer state unchanged)."""
+    """On a NaN/Inf loss or gradient norm: stop the run, or skip that step's update (weights and
+    optimizer state unchanged)."""
+    max_consecutive_skips: int = 10
+    """With ``skip``: stop once more than this many steps in a row were non-finite (0 = no cap);
+    a run that only skips is not training."""
     step_record: bool = False
     """Append each step's exact loss and batch fingerprints to <dump_folder>/step_record/rank_<r>.jsonl."""
     inject_nonfinite_loss_at: list[int] = field(default_factory=list)

@@ -35,6 +35,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
+from titan_hybrid.config.check import check_job_config
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -50,6 +51,7 @@ def row_fingerprints(tokens: torch.Tensor) -> list[str]:
 
 class HybridTrainer(Trainer):
     def __init__(self, job_config: JobConfig):
+        check_job_config(job_config)  # before TorchTitan builds anything from it
         super().__init__(job_config)
         self.metrics_processor.dataloader = self.dataloader  # its served tokens are the logged data mix
         self.resilience = job_config.resilience

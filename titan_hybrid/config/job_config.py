@@ -1,7 +1,8 @@
 """TOML sections titan-hybrid adds to TorchTitan's JobConfig.
 
 Selected with ``[job] custom_config_module = "titan_hybrid.config.job_config"``;
-TorchTitan merges these dataclasses into its own.
+TorchTitan merges these dataclasses into its own; ``titan_hybrid.config.check`` checks every
+value against these annotations before training (TorchTitan takes TOML values unchecked).
 """
 
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ class HybridModel:
     n_heads: int | None = None
     n_kv_heads: int | None = None
     vocab_size: int | None = None
-    mlp: str | None = None
-    """``swiglu`` or ``relu2`` (LeakyReLU(0.5)^2)."""
+    mlp: Literal["swiglu", "relu2"] | None = None
+    """``relu2`` is LeakyReLU(0.5)^2."""
     ffn_dim: int | None = None
     gla_expand_k: float | None = None
     gla_expand_v: float | None = None
@@ -34,8 +35,8 @@ class HybridModel:
     attn_sink: bool | None = None
     attn_window: int | None = None
     """Sliding-window attention length in tokens; 0 = full causal."""
-    attn_type: str | None = None
-    """``sdpa`` or ``flex`` (FlexAttention block masks for documents / windows on CUDA)."""
+    attn_type: Literal["sdpa", "flex"] | None = None
+    """``flex``: FlexAttention block masks for documents / windows on CUDA."""
     output_softcap: float | None = None
     """``cap * tanh(logits / cap)`` on the output logits; 0 = off."""
     loss_chunk_tokens: int | None = None
@@ -125,9 +126,9 @@ class HybridData:
     num_workers: int = 0
     """Tokenizer threads per stream; 0 tokenizes in the rank's one loader thread, which keeps up
     with ~350k tokens/s per core. The data does not depend on it."""
-    worker_method: str = "thread"
-    """``thread`` or ``process`` tokenizer workers."""
-    loader: str = "process"
+    worker_method: Literal["thread", "process"] = "thread"
+    """Tokenizer workers as threads or processes."""
+    loader: Literal["process", "thread"] = "process"
     """Where each rank's batches are produced ahead of the training loop: ``process`` (a child
     process, so the loader's Python work never takes the training loop's GIL) or ``thread``
     (starts faster; used by the tests). The data does not depend on it."""
@@ -153,7 +154,7 @@ class HybridValidation:
     from ``[hybrid_data.<source>]``) and reports loss, perplexity and bits per byte.
     """
 
-    sources: list[str] = field(default_factory=list)
+    sources: list[Literal["web", "code", "reasoning"]] = field(default_factory=list)
     """Sources to validate, e.g. ``["web", "reasoning"]``; each reads its ``[hybrid_validation.<source>]``
     split or else its ``[hybrid_data.<source>] holdout`` shards."""
     web: ValidationSplit = field(default_factory=ValidationSplit)

@@ -39,7 +39,9 @@ def build(pattern: str) -> HybridLM:
     with torch.device("cuda"):
         model = HybridLM(args)
         model.init_weights()
-    return model.to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16).eval()
+    model.fuse_projections()
+    return model
 
 
 def state_bytes(model: HybridLM, batch: int, length: int) -> int:

@@ -148,3 +148,22 @@ def test_decode_attention_splits_long_caches():
                         (q @ kk.transpose(-1, -2)).masked_fill(~valid[:, None, None], float("-inf"))], -1) / D**0.5
     ref = (scores.softmax(-1)[..., 1:] @ vv)[:, :, 0]  # fmt: skip
     torch.testing.assert_close(decode_attention(q, k, v, valid, sink), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_projections_keep_weights_and_logits():
+    """fuse_projections: the same parameters (as views of one matrix per group), the same logits."""
+    model = _model(**CASES["mixed"])
+    tokens = torch.randint(0, BASE.vocab_size, (2, 11), generator=torch.Generator().manual_seed(7))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(tokens)
+    _, state = model.prefill(tokens[:, :6], torch.tensor([6, 4]), capacity=12)
+    ref_step = model.decode_step(tokens[:, 6], state)
+    model.fuse_projections()
+    attn = model.layers["1"].mixer
+    assert attn.wk.weight.data_ptr() == attn.qkv_group.weight.data_ptr() + attn.wq.weight.numel() * 4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref, rtol=1e-5, atol=1e-6)
+    _, state = model.prefill(tokens[:, :6], torch.tensor([6, 4]), capacity=12)
+    torch.testing.assert_close(model.decode_step(tokens[:, 6], state), ref_step, rtol=1e-5, atol=1e-6)

@@ -158,6 +158,7 @@ def load_for_inference(path: str, step: int | None, device: torch.device, dtype:
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir!r} (the tokenizer of {path})")
     model = model.to(device=device, dtype=dtype)
     model.rope = model._rope(device=device)  # fp32 whatever the weights' dtype
+    model.fuse_projections()
     return model.eval(), tokenizer_dir
 
 

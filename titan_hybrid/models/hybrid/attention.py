@@ -21,6 +21,7 @@ from torchtitan.models.attention import (
 
 from .args import HybridModelArgs
 from .decode_state import KVCache, Prompt
+from .fused import LinearGroup, project
 
 
 def rope_cache(rotary_dims: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -90,6 +91,7 @@ class Attention(nn.Module):
         # One learned key per KV head, no position; its value is 0, so it only absorbs softmax mass.
         self.sink_k = nn.Parameter(torch.empty(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
         self.flex = FlexAttentionWrapper()
+        self.qkv_group: LinearGroup | None = None  # fuse_projections()
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -98,12 +100,17 @@ class Attention(nn.Module):
         if self.sink_k is not None:
             nn.init.zeros_(self.sink_k)  # sink logit 0 at init: softmax with a "+1" in the denominator
 
+    def fuse_projections(self) -> None:
+        """Inference: q, k and v as one GEMM."""
+        self.qkv_group = LinearGroup([self.wq, self.wk, self.wv])
+
     def _qkv(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotated queries ``[B, H, T, D]``, rotated keys and values ``[B, KV, T, D]``."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope, positions)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, [self.wq, self.wk, self.wv], self.qkv_group)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope, positions)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope, positions)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         return tuple(t.transpose(1, 2) for t in (q, k, v))
 
     def forward(

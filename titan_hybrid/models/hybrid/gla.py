@@ -15,6 +15,7 @@ from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 from .args import HybridModelArgs
 from .decode_state import Prompt, RecurrentState
+from .fused import LinearGroup, project
 
 
 class GatedLinearAttention(nn.Module):
@@ -31,6 +32,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_up = nn.Linear(args.gla_gate_low_rank_dim, self.key_dim, bias=True)
         self.o_norm = nn.RMSNorm(self.value_dim // self.n_heads, eps=args.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, args.dim, bias=False)
+        self.input_group: LinearGroup | None = None  # fuse_projections()
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down, self.gk_up):
@@ -39,25 +41,34 @@ class GatedLinearAttention(nn.Module):
         self.o_norm.reset_parameters()
         nn.init.trunc_normal_(self.o_proj.weight, std=out_std)
 
+    def fuse_projections(self) -> None:
+        """Inference: q, k, v, the output gate and the decay's down projection as one GEMM."""
+        self.input_group = LinearGroup(self._input_linears())
+
+    def _input_linears(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down]
+
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v and the log-decay ``gk`` (fp32) as ``[B, T, H, K|V]`` heads."""
+        """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads."""
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, -1)  # noqa: E731
-        gk = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.gate_logit_normalizer
-        return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), heads(gk)
+        q, k, v, gate, down = project(x, self._input_linears(), self.input_group)
+        gk = F.logsigmoid(self.gk_up(down).float()) / self.gate_logit_normalizer
+        return heads(q), heads(k), heads(v), heads(gk), heads(gate)
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, self.n_heads, -1))
-        return self.o_proj(o.reshape(B, T, self.value_dim))
+    def _output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        B, T = o.shape[:2]
+        return self.o_proj((self.o_norm(o) * F.silu(gate)).reshape(B, T, self.value_dim))
 
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
-        return self._output(chunk_gla(*self._inputs(x), resets=resets), x)
+        *qkvg, gate = self._inputs(x)
+        return self._output(chunk_gla(*qkvg, resets=resets), gate)
 
     def prefill(self, x: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, RecurrentState]:
         """The training forward over left-padded prompts, keeping each row's final state."""
-        o, ssm = chunk_gla(*self._inputs(x), resets=prompt.resets, output_final_state=True)
-        return self._output(o, x), RecurrentState(ssm=ssm)
+        *qkvg, gate = self._inputs(x)
+        o, ssm = chunk_gla(*qkvg, resets=prompt.resets, output_final_state=True)
+        return self._output(o, gate), RecurrentState(ssm=ssm)
 
     def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> RecurrentState:
         H = self.n_heads
@@ -65,4 +76,5 @@ class GatedLinearAttention(nn.Module):
 
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
-        return self._output(fused_recurrent_gla(*self._inputs(x), state.ssm), x)
+        *qkvg, gate = self._inputs(x)
+        return self._output(fused_recurrent_gla(*qkvg, state.ssm), gate)

@@ -15,6 +15,7 @@ from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 from .args import MIXERS, MLPS, HybridModelArgs
 from .attention import Attention, flex_block_mask, rope_cache
 from .decode_state import DecodeState, KVCache, Prompt, RecurrentState
+from .fused import LinearGroup, project
 from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
 
@@ -35,14 +36,20 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w13_group: LinearGroup | None = None  # fuse_projections()
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.w1.weight, std=std)
         nn.init.trunc_normal_(self.w3.weight, std=std)
         nn.init.trunc_normal_(self.w2.weight, std=out_std)
 
+    def fuse_projections(self) -> None:
+        """Inference: W1 and W3 as one GEMM."""
+        self.w13_group = LinearGroup([self.w1, self.w3])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = project(x, [self.w1, self.w3], self.w13_group)
+        return self.w2(F.silu(a) * b)
 
 
 class ReLU2(nn.Module):
@@ -219,6 +226,15 @@ class HybridLM(ModelProtocol):
         h = self.norm(h if all_logits else h[:, -1])
         state = DecodeState(layers=layer_states, positions=lengths.clone(), capacity=capacity, rope=rope)
         return self._logits(h), state
+
+    def fuse_projections(self) -> None:
+        """Inference: the linears that share an input (GLA's q/k/v/gates, attention's q/k/v,
+        SwiGLU's W1/W3) as one GEMM each, weights as views (``fused.LinearGroup``). Call after
+        moving the model to its device and dtype; the delta-rule mixers keep separate GEMMs."""
+        for block in self.layers.values():
+            for part in (block.mixer, block.mlp):
+                if hasattr(part, "fuse_projections"):
+                    part.fuse_projections()
 
     def empty_decode_state(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> DecodeState:
         """Zero states for ``batch`` rows at position 0 (``bench.decode`` fills them to a length)."""

@@ -45,6 +45,8 @@ if [[ -n "${RESUME_STEP:-}" ]]; then
     RESUME=(--checkpoint.load_step "$RESUME_STEP")
 fi
 
+# exec: torchrun gets this pid, the parent every rank checks for (titan_hybrid/lifetime.py).
+export TITAN_HYBRID_LAUNCHER_PID=$$
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc_per_node "$NGPU" "${RDZV[@]}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

@@ -4,10 +4,12 @@
 (normally through ``run_train.sh``, which wraps torchrun).
 """
 
+from titan_hybrid.lifetime import exit_with_launcher
 from titan_hybrid.platform.cpu import configure_platform
 
 
 def main() -> None:
+    exit_with_launcher()  # torchrun puts ranks in sessions of their own: no orphan may train on
     configure_platform()  # before TorchTitan builds its device handles
     from torchtitan.train import main as torchtitan_main
 

@@ -36,6 +36,7 @@ from torchtitan.train import Trainer
 
 from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
 from titan_hybrid.config.check import check_job_config
+from titan_hybrid.lifetime import lock_dump_folder
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -52,6 +53,8 @@ def row_fingerprints(tokens: torch.Tensor) -> list[str]:
 class HybridTrainer(Trainer):
     def __init__(self, job_config: JobConfig):
         check_job_config(job_config)  # before TorchTitan builds anything from it
+        if int(os.environ.get("RANK", "0")) == 0:  # held until this process ends, however it ends
+            self._folder_lock = lock_dump_folder(job_config.job.dump_folder)
         super().__init__(job_config)
         self.metrics_processor.dataloader = self.dataloader  # its served tokens are the logged data mix
         self.resilience = job_config.resilience

@@ -45,9 +45,10 @@ if [[ -n "${RESUME_STEP:-}" ]]; then
     RESUME=(--checkpoint.load_step "$RESUME_STEP")
 fi
 
-# exec: torchrun gets this pid, the parent every rank checks for (titan_hybrid/lifetime.py).
+# torchrun (titan_hybrid/run.py: it prints the failing rank's error last). exec: it keeps this pid,
+# the parent every rank checks for (titan_hybrid/lifetime.py).
 export TITAN_HYBRID_LAUNCHER_PID=$$
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m titan_hybrid.run \
     --nnodes "$NNODES" --nproc_per_node "$NGPU" "${RDZV[@]}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m titan_hybrid.train --job.config_file "$CONFIG_FILE" "${RESUME[@]}" "$@"

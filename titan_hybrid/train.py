@@ -4,10 +4,13 @@
 (normally through ``run_train.sh``, which wraps torchrun).
 """
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from titan_hybrid.lifetime import exit_with_launcher
 from titan_hybrid.platform.cpu import configure_platform
 
 
+@record  # the exception goes to torchrun's error file: titan_hybrid.run prints it as the job's cause
 def main() -> None:
     exit_with_launcher()  # torchrun puts ranks in sessions of their own: no orphan may train on
     configure_platform()  # before TorchTitan builds its device handles

@@ -2,9 +2,10 @@
 
 The step is memory-bound (one query per head against the whole cache), so each variant is
 reported as the bandwidth it achieves on the cache's bytes, against a device copy. Variants:
-``ours/N`` (``attention.decode_attention``: GQA groups as one block, split-K over N-key slices),
-``sdpa_gqa`` (``F.scaled_dot_product_attention`` with ``enable_gqa`` and a boolean mask) and
-``sdpa_grouped`` (the group's query heads as queries of their KV head). One JSON line each.
+``sdpa_gqa`` (``F.scaled_dot_product_attention`` with ``enable_gqa`` and a boolean mask: what
+``Attention.step`` runs), ``sdpa_grouped`` (the group's query heads as queries of their KV head)
+and ``matmul/N`` (explicit matmuls: GQA groups as one block, softmax, split-K over N-key
+slices). One JSON line each.
 
     python -m bench.decode_attention [--batch 16] [--length 65536] [--out FILE]
 """
@@ -12,12 +13,23 @@ reported as the bandwidth it achieves on the cache's bytes, against a device cop
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
 import torch.nn.functional as F
 
-from titan_hybrid.models.hybrid import attention
+
+
+def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, split: int):
+    """``q [B, H, 1, D]`` over ``k, v [B, KV, S, D]``: one ``[G, D]`` block per KV group, the
+    probabilities x values product summed over ``split``-key slices in parallel."""
+    B, H, _, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, KV, H // KV, D) * D**-0.5
+    p = (q @ k.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    n = S // split
+    return (p.unflatten(-1, (n, split)).transpose(2, 3) @ v.unflatten(2, (n, split))).float().sum(dim=2)
 
 
 def timed(fn, reps: int = 50) -> float:
@@ -58,15 +70,8 @@ def main() -> None:
     copy_bw = 2 * x.numel() * x.element_size() / (copy_ms / 1e3)
     del x
 
-    def ours(split: int):
-        def run():
-            attention.DECODE_SPLIT = split
-            return attention.decode_attention(q, k, v, valid, None)
-
-        return run
-
     mask = valid[:, None, None, :]
-    variants = {f"ours/{n}": ours(n) for n in (256, 512, 1024, 2048, 4096)}
+    variants = {f"matmul/{n}": functools.partial(split_k_attention, q, k, v, valid, n) for n in (256, 512, 1024, 4096)}
     variants["sdpa_gqa"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     grouped = q.reshape(B, KV, H // KV, D)
     variants["sdpa_grouped"] = lambda: F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
@@ -82,7 +87,6 @@ def main() -> None:
               f"of copy)  rel err {err:.1e}", flush=True)  # fmt: skip
         if out:
             out.write(json.dumps(record) + "\n")
-    attention.DECODE_SPLIT = 512
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
-from titan_hybrid.models.hybrid.attention import DECODE_SPLIT
 from titan_hybrid.ops.common import chunk_recurrence_torch, recurrent_step_torch
 from titan_hybrid.ops.gdn2 import fused_recurrent_gdn2
 from titan_hybrid.ops.gated_delta import fused_recurrent_gated_delta_rule
@@ -91,10 +90,8 @@ def test_state_size_is_constant_for_recurrent_mixers_and_bounded_by_the_window()
         sizes[name] = [model.prefill(tokens, lengths, capacity=c)[1].nbytes() for c in (16, 64)]
     assert sizes["recurrent"][0] == sizes["recurrent"][1]
     assert sizes["windowed"][0] == sizes["windowed"][1]
-    # Full attention: 2 layers x (k, v) x 2 rows x 2 KV heads x slots x 16 dims x 4 bytes, where
-    # the capacity is rounded up to whole DECODE_SPLIT slices.
-    assert sizes["full"] == [2 * 2 * 2 * 2 * DECODE_SPLIT * 16 * 4] * 2
-    assert full.prefill(tokens, lengths, capacity=DECODE_SPLIT + 1)[1].nbytes() == 2 * sizes["full"][0]
+    # Full attention: 2 layers x (k, v) x 2 rows x 2 KV heads x capacity x 16 dims x 4 bytes.
+    assert sizes["full"] == [2 * 2 * 2 * 2 * c * 16 * 4 for c in (16, 64)]
 
 
 def test_recurrent_step_continues_the_chunked_recurrence():
@@ -132,22 +129,6 @@ def test_empty_state_has_the_prefill_state_layout():
     _, prefilled = model.prefill(torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 2]), capacity=9)
     empty = model.empty_decode_state(2, capacity=9)
     assert [(t.shape, t.dtype) for t in empty.tensors()] == [(t.shape, t.dtype) for t in prefilled.tensors()]
-
-
-def test_decode_attention_splits_long_caches():
-    """The split-K product over DECODE_SPLIT-key slices equals one softmax over the whole cache."""
-    from titan_hybrid.models.hybrid.attention import decode_attention
-
-    gen = torch.Generator().manual_seed(6)
-    B, H, KV, S, D = 2, 4, 2, 3 * DECODE_SPLIT, 8
-    q, sink = torch.randn(B, H, 1, D, generator=gen), torch.randn(KV, D, generator=gen)
-    k, v = torch.randn(B, KV, S, D, generator=gen), torch.randn(B, KV, S, D, generator=gen)
-    valid = torch.arange(S) <= torch.tensor([[700], [S - 1]])
-    kk, vv = (t.repeat_interleave(H // KV, dim=1) for t in (k, v))
-    scores = torch.cat([(q * sink.repeat_interleave(H // KV, 0)[None, :, None]).sum(-1, keepdim=True),
-                        (q @ kk.transpose(-1, -2)).masked_fill(~valid[:, None, None], float("-inf"))], -1) / D**0.5
-    ref = (scores.softmax(-1)[..., 1:] @ vv)[:, :, 0]  # fmt: skip
-    torch.testing.assert_close(decode_attention(q, k, v, valid, sink), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_projections_keep_weights_and_logits():

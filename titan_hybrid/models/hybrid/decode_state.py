@@ -72,7 +72,8 @@ class RecurrentState:
 class KVCache:
     """Rotated keys and values ``[B, KV, slots, D]``. Position ``p`` lives in slot ``p % slots``:
     with a window the slots are a ring of ``attn_window`` entries, otherwise ``slots`` is the
-    capacity and never wraps."""
+    capacity and never wraps. With an attention sink, slot 0 before them holds the sink key
+    (value 0), so one masked attention over the cache includes it."""
 
     k: Tensor
     v: Tensor

@@ -79,7 +79,7 @@ def source_of(data: HybridData, name: str) -> TextSource | ReasoningSource:
 
 def holdout_shards(name: str, cfg: TextSource | ReasoningSource) -> list[str]:
     """The source's shards named by ``holdout`` (each pattern must match one at least)."""
-    files = list_shards(cfg.path, cfg.data_dir)
+    files = list_shards(cfg.path, cfg.data_dir, f"[hybrid_data.{name}]")
     held = []
     for pattern in cfg.holdout:
         matches = [f for f in files if fnmatch.fnmatch(f, f"*/{pattern}")]
@@ -94,7 +94,7 @@ def holdout_shards(name: str, cfg: TextSource | ReasoningSource) -> list[str]:
 def training_shards(name: str, cfg: TextSource | ReasoningSource) -> list[str]:
     """The source's shards less its ``holdout``."""
     held = set(holdout_shards(name, cfg))
-    files = [f for f in list_shards(cfg.path, cfg.data_dir) if f not in held]
+    files = [f for f in list_shards(cfg.path, cfg.data_dir, f"[hybrid_data.{name}]") if f not in held]
     if not files:
         raise DataConfigError(f"[hybrid_data.{name}] holdout holds out every shard; keep one at least for training")
     return files

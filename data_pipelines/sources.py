@@ -31,18 +31,44 @@ class DataSourceError(RuntimeError):
     """A shard cannot be used; the message names the source and the file."""
 
 
-def list_shards(path: str, data_dir: str = "") -> list[str]:
-    """Sorted ``**/*.parquet`` under ``path/data_dir``; ``path`` is a local directory or a hub dataset id."""
-    if os.path.isdir(path):
-        root = os.path.join(path, data_dir)
+def _looks_local(path: str) -> bool:
+    """Hub dataset ids are ``name`` or ``org/name``; anything else can only be a local path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether the hub could not be reached: offline mode (a ConnectionError) or a transport error
+    of its HTTP client (httpx's, which shares no base class with OSError)."""
+    return any(c.__name__ in ("ConnectionError", "TransportError", "TimeoutError") for c in type(error).__mro__)
+
+
+def list_shards(path: str, data_dir: str, section: str) -> list[str]:
+    """Sorted ``**/*.parquet`` under ``path/data_dir``; ``path`` is a local directory or a hub dataset id.
+
+    ``section`` (e.g. ``[hybrid_data.web]``) heads every error, which names the path, where it
+    was looked for locally and why the hub did not answer, in one line.
+    """
+    local = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(local):
+        root = os.path.join(local, data_dir)
         files = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
+    elif _looks_local(path):
+        raise DataSourceError(f"{section} path = {path!r}: no such local directory ({local})")
     else:
         from huggingface_hub import HfFileSystem
 
         root = f"datasets/{path}/{data_dir}".rstrip("/")
-        files = sorted(f"hf://{f}" for f in HfFileSystem().glob(f"{root}/**/*.parquet"))
+        try:
+            files = sorted(f"hf://{f}" for f in HfFileSystem().glob(f"{root}/**/*.parquet"))
+        except Exception as e:  # noqa: BLE001 - the hub client's errors have no common base
+            why = "the Hugging Face hub cannot be reached" if _unreachable(e) else "the hub cannot list it"
+            first_line = (str(e).splitlines() or [""])[0]
+            raise DataSourceError(
+                f"{section} path = {path!r}: not a local directory (nothing at {local}), so it was taken "
+                f"for a hub dataset id, and {why} ({type(e).__name__}: {first_line})"
+            ) from None
     if not files:
-        raise DataSourceError(f"no .parquet files under '{root}'")
+        raise DataSourceError(f"{section} path / data_dir: no .parquet files under '{root}'")
     return files
 
 

@@ -21,7 +21,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 
 from data_pipelines.dataloader import HybridDataLoader, build_batches, build_documents, build_source, streams_of_rank
 from data_pipelines.packing import Encoder
-from data_pipelines.sources import DataSourceError
+from data_pipelines.sources import DataSourceError, list_shards
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +322,27 @@ def test_source_with_no_documents_fails(tmp_path):
     write_parquet(tmp_path / "empty.parquet", pa.table({"text": pa.array(["", None], pa.string())}))
     with pytest.raises(DataSourceError, match="no documents"):
         next(iter(loader(local_web(tmp_path))))
+
+
+def test_a_missing_local_path_is_named_and_never_sent_to_the_hub(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataSourceError) as error:
+        list_shards("./data/fineweb-edu", "sample/10BT", "[hybrid_data.web]")
+    assert str(error.value) == (
+        f"[hybrid_data.web] path = './data/fineweb-edu': no such local directory ({tmp_path}/data/fineweb-edu)"
+    )
+
+
+def test_a_hub_id_offline_says_the_hub_cannot_be_reached(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(DataSourceError) as error:
+        list_shards("HuggingFaceFW/fineweb-edu", "sample/10BT", "[hybrid_data.web]")
+    message = str(error.value)
+    assert message.startswith(
+        f"[hybrid_data.web] path = 'HuggingFaceFW/fineweb-edu': not a local directory (nothing at "
+        f"{tmp_path}/HuggingFaceFW/fineweb-edu), so it was taken for a hub dataset id, and the Hugging Face "
+        "hub cannot be reached (OfflineModeIsEnabled: "
+    )
+    assert "\n" not in message

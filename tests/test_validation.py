@@ -15,6 +15,7 @@ from torchtitan.config import ConfigManager
 
 from data_pipelines.dataloader import SOURCES, DataConfigError, HybridDataLoader, build_batches, streams_of_rank
 from data_pipelines.dataloader import training_shards
+from data_pipelines.sources import DataSourceError
 from data_pipelines.validation import build_validation_sets, validation_files
 from titan_hybrid.bpb import token_byte_lengths
 from titan_hybrid.evaluate import documents, evaluate_texts
@@ -111,7 +112,7 @@ def test_validation_sets_split_the_rows_across_ranks_and_restart():
         (["--hybrid_validation.sources", "web,wiki"], "[hybrid_validation] sources: unknown source 'wiki'"),
         (["--hybrid_validation.sources", "code"], "[hybrid_validation] sources lists 'code', which has no held-out data"),
         (["--hybrid_validation.sources", "code", "--hybrid_validation.code.path", "/nonexistent"],
-         "[hybrid_validation.code] path: no such directory '/nonexistent'"),
+         "[hybrid_validation.code] path = '/nonexistent': no such local directory (/nonexistent)"),
         (["--hybrid_validation.sources", "code", "--hybrid_validation.code.path", str(WEB), "--hybrid_validation.code.data_dir", "x"],
          "[hybrid_validation.code] path / data_dir: no .parquet files under"),
         (["--hybrid_data.web.holdout", "002_*.parquet"], "[hybrid_data.web] holdout: '002_*.parquet' matches no shard"),
@@ -119,7 +120,7 @@ def test_validation_sets_split_the_rows_across_ranks_and_restart():
 )  # fmt: skip
 def test_bad_validation_config_names_the_key(overrides, message):
     config = job_config(*overrides)
-    with pytest.raises(DataConfigError) as error:
+    with pytest.raises((DataConfigError, DataSourceError)) as error:
         build_validation_sets(config, TOKENIZER.tokenizer, TOKENIZER.eos_id, 0, 1)
     assert message in str(error.value) and "\n" not in str(error.value)
 

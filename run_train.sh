@@ -2,7 +2,8 @@
 # Train titan-hybrid with torchrun: ./run_train.sh CONFIG.toml [--section.key value ...]
 #
 # Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks),
-# NNODES (default 1), NODE_RANK (0), RDZV_ENDPOINT (host:port, multi-node only),
+# NNODES (default 1), RDZV_ENDPOINT (host:port of the c10d rendezvous, multi-node only; it assigns
+# the node ranks),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
 # TRITON_CACHE_DIR (GPU: where tuned Triton kernels persist; default ./.cache/triton),
 # RESUME_STEP (resume from this step-N checkpoint; by default, with [checkpoint] enable, the run

@@ -20,6 +20,7 @@ SMALL = [
     "--training.global_batch_size", "4",
     "--resilience.step_record",
     "--checkpoint.enable",
+    "--checkpoint.keep_latest_k", "0",  # every checkpoint stays: the tests compare them
 ]  # fmt: skip
 STEPS = 20
 INTERVAL = 5
@@ -77,7 +78,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def records(dump: Path) -> dict[int, dict]:
-    """Per step: the exact global loss, whether it was skipped, and every rank's batch rows.
+    """Per step: the exact global loss, whether it was skipped, every rank's batch rows and RNG fingerprint.
 
     A resumed run appends to the same files; the last line for a step wins.
     """
@@ -92,7 +93,9 @@ def records(dump: Path) -> dict[int, dict]:
         losses = {r["loss"] for r in ranks.values()}
         assert len(losses) == 1 or all(l != l for l in losses), f"ranks disagree on step {step}: {losses}"
         rows = sorted(row for r in ranks.values() for mb in r["rows"] for row in mb)
-        out[step] = {"loss": ranks[min(ranks)]["loss"], "skipped": ranks[min(ranks)]["skipped"], "rows": rows}
+        first = ranks[min(ranks)]
+        rng = [ranks[r].get("rng") for r in sorted(ranks)]
+        out[step] = {"loss": first["loss"], "skipped": first["skipped"], "rows": rows, "rng": rng}
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from _train_runs import INTERVAL, STEPS, records, reference_run, train, train_until_killed
-from titan_hybrid.checkpoint import COMPLETE_MARKER, RNGState, newest_resumable_step
+from titan_hybrid.checkpoint import COMPLETE_MARKER, RNGState, newest_resumable_step, purge_superseded
 from titan_hybrid.export import load_checkpoint_model
 
 REFERENCE_ARGS = ["--training.steps", str(STEPS), "--checkpoint.interval", str(INTERVAL)]
@@ -45,6 +46,7 @@ def test_kill_9_after_step_10_then_resume_is_bit_exact(reference, tmp_path):
     for step in range(11, STEPS + 1):
         assert got[step]["loss"] == want[step]["loss"], f"step {step}"
         assert got[step]["rows"] == want[step]["rows"], f"step {step}: different samples"
+        assert got[step]["rng"] == want[step]["rng"], f"step {step}: Python / NumPy / torch RNG state differs"
 
 
 def test_resume_on_one_rank_continues_loss_and_data(reference, tmp_path):
@@ -101,6 +103,7 @@ def test_damaged_latest_checkpoint_falls_back_and_keeps_everything(reference, tm
     assert "Checkpoint step-15: file .metadata has xxh3_64 " in log and "(same size, altered content)" in log
     assert "Falling back to step-10. Nothing in" in log
     assert f"Loading the checkpoint from {ckpt}/step-10." in log
+    assert log.count("Checkpointing active") == 1, "one checkpoint manager, built once"
     want, got = records(reference), records(dump)
     assert [got[s]["loss"] for s in range(11, STEPS + 1)] == [want[s]["loss"] for s in range(11, STEPS + 1)]
     # Nothing was deleted or rewritten: the damaged step-15 was set aside when step 15 was saved again.
@@ -142,6 +145,34 @@ def test_incomplete_or_damaged_checkpoints_are_never_chosen(reference, tmp_path)
     assert "file .metadata has xxh3_64" in reasons[0] and "file __1_0.distcp has xxh3_64" in reasons[1]
     assert "model-only" in reasons[2] and "bytes" in reasons[3] and COMPLETE_MARKER in reasons[4]
     assert "missing .metadata" in reasons[5]
+
+
+def test_resume_step_on_a_model_only_checkpoint_says_so(reference, tmp_path):
+    dump = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint", dump / "checkpoint")
+
+    proc = train(dump, *REFERENCE_ARGS, "--checkpoint.load_step", "20", check=False)
+
+    assert proc.returncode != 0
+    assert proc.stdout.rstrip().splitlines()[-1].endswith(
+        f"checkpoint.load_step=20: {dump}/checkpoint/step-20 cannot be loaded: it is model-only "
+        "(last_save_model_only), it cannot restore optimizer and data state: resume from step-15 (the newest "
+        f"full one), or start a new run from its weights with --checkpoint.initial_load_path "
+        f"{dump}/checkpoint/step-20 --checkpoint.initial_load_model_only"
+    )
+    assert "streams differ" not in proc.stdout
+
+
+def test_superseded_folders_are_capped(tmp_path):
+    for i in range(5):
+        (tmp_path / f"step-{i}.x").mkdir()
+        os.utime(tmp_path / f"step-{i}.x", ns=(i * 10**9, i * 10**9))
+
+    purge_superseded(str(tmp_path), keep=2)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3.x", "step-4.x"]
+    purge_superseded(str(tmp_path), keep=0)
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_rng_state_round_trip():

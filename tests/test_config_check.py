@@ -43,7 +43,7 @@ def test_each_bad_value_is_named_with_its_file(tmp_path):
         "[hybrid_data]\n": '[resilience]\non_nonfinite_loss = "skpi"\n\n[hybrid_data]\n',
         "weight = 0.5": 'weight = "0.5"',
         "steps = 30": "steps = 1.5",
-        'sources = ["web"]': 'sources = ["web", "math"]',
+        'sources = ["web"]': 'sources = ["web", 1]',
         'flavor = "debug"': 'flavor = "huge"',
     })  # fmt: skip
 
@@ -55,7 +55,7 @@ def test_each_bad_value_is_named_with_its_file(tmp_path):
         f'{path}: [hybrid_model] dim = "big": expected an integer',
         f'{path}: [hybrid_model] document_masking = "false": expected true or false',
         f'{path}: [hybrid_data.web] weight = "0.5": expected a number',
-        f'{path}: [hybrid_validation] sources = ["web", "math"]: expected a list of (one of "web", "code", "reasoning")',
+        f'{path}: [hybrid_validation] sources = ["web", 1]: expected a list of (a string)',
         f'{path}: [resilience] on_nonfinite_loss = "skpi": expected one of "stop", "skip"',
         f'{path}: [model] flavor = "huge": expected one of "debug", "308M", "gdn2_kla_1.3B", "gdn_attn_63M" '
         "(python -m titan_hybrid.flavors lists them with their sizes)",

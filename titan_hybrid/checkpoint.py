@@ -17,7 +17,8 @@ be rewritten in place, and the last save of a run is model-only by default.
   on_fallback = "stop"``; an explicit ``checkpoint.load_step`` that is not
   valid is an error;
 - before saving into a ``step-N`` folder that already exists, the old folder
-  is moved to ``SUPERSEDED_DIR`` rather than overwritten in place;
+  is moved to ``SUPERSEDED_DIR`` rather than overwritten in place (the newest
+  ``keep_superseded`` of those are kept);
 - no checkpoint is written from non-finite weights;
 - ``keep_latest_k`` counts complete checkpoints only;
 - a data-loader state that this run cannot take (other ``[hybrid_data] streams``)
@@ -33,6 +34,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -141,6 +143,16 @@ def newest_resumable_step(folder: str) -> tuple[int, list[str]]:
     return -1, passed_over
 
 
+def purge_superseded(folder: str, keep: int) -> None:
+    """Keep the newest ``keep`` set-aside folders in ``folder`` (0: all)."""
+    if keep <= 0:
+        return
+    aside = sorted((e for e in os.scandir(folder) if e.is_dir()), key=lambda e: e.stat().st_mtime_ns)
+    for entry in aside[:-keep]:
+        logger.info(f"Deleting {entry.path} (more than checkpoint.keep_superseded = {keep} set aside)")
+        shutil.rmtree(entry.path)
+
+
 class RNGState(Stateful):
     """All ranks' RNG states as one object, identical on every rank.
 
@@ -192,6 +204,7 @@ class ResilientCheckpointManager(CheckpointManager):
         super().__init__(*args, **kwargs)
         self.run_info = run_info
         self.on_fallback = kwargs["checkpoint_config"].on_fallback
+        self.keep_superseded = kwargs["checkpoint_config"].keep_superseded
 
     # -- saving ----------------------------------------------------------------
 
@@ -242,6 +255,7 @@ class ResilientCheckpointManager(CheckpointManager):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(path, target)
             logger.warning(f"{path} existed ({checkpoint_problem(target) or 'complete'}); moved it to {target}")
+            purge_superseded(os.path.join(self.folder, SUPERSEDED_DIR), self.keep_superseded)
         dist.barrier()
 
     def _write_marker(self, step: int, model_only: bool) -> None:
@@ -279,12 +293,25 @@ class ResilientCheckpointManager(CheckpointManager):
 
     def load(self, step: int = -1) -> bool:
         if self.enable and step != -1 and os.path.isdir(self.folder):
-            problem = self._decide(lambda: checkpoint_problem(self._create_checkpoint_id(step)))
+            problem = self._decide(lambda: self._load_step_problem(step))
             if problem is not None:
                 raise ValueError(
                     f"checkpoint.load_step={step}: {self._create_checkpoint_id(step)} cannot be loaded: {problem}"
                 )
         return super().load(step)
+
+    def _load_step_problem(self, step: int) -> str | None:
+        """Why an explicit ``load_step`` cannot be resumed from (a step-0 seed is model-only by design)."""
+        path = self._create_checkpoint_id(step)
+        problem = checkpoint_problem(path)
+        if problem is None and step != 0 and read_marker(path).get("model_only", False):
+            newest, _ = newest_resumable_step(self.folder)
+            instead = f"resume from step-{newest} (the newest full one)" if newest >= 0 else "no full checkpoint exists"
+            problem = (
+                f"it is {MODEL_ONLY}: {instead}, or start a new run from its weights with "
+                f"--checkpoint.initial_load_path {path} --checkpoint.initial_load_model_only"
+            )
+        return problem
 
     def _find_load_step(self, folder: str = "") -> int:
         if folder and folder != self.folder:

@@ -23,8 +23,10 @@ import hashlib
 import json
 import math
 import os
+import random
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchtitan.components.checkpoint import TRAIN_STATE
@@ -45,6 +47,12 @@ class NonFiniteStepError(RuntimeError):
     """The loss or gradient norm was NaN/Inf and the run cannot go on (``stop``, or too many skips)."""
 
 
+def rng_fingerprint() -> str:
+    """A short hash of this rank's Python, NumPy and torch RNG states (what a resume must restore)."""
+    state = (random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state().numpy().tobytes())
+    return hashlib.blake2b(repr(state).encode(), digest_size=8).hexdigest()
+
+
 def row_fingerprints(tokens: torch.Tensor) -> list[str]:
     """A short hash per sequence, to tell which samples a step consumed."""
     return [hashlib.blake2b(row.numpy().tobytes(), digest_size=8).hexdigest() for row in tokens.cpu()]
@@ -55,13 +63,21 @@ class HybridTrainer(Trainer):
         check_job_config(job_config)  # before TorchTitan builds anything from it
         if int(os.environ.get("RANK", "0")) == 0:  # held until this process ends, however it ends
             self._folder_lock = lock_dump_folder(job_config.job.dump_folder)
-        super().__init__(job_config)
+        # TorchTitan's Trainer builds its own CheckpointManager, replaced below by ours: with checkpointing
+        # off it is inert (no purge thread, process group or "Checkpointing active" line of its own).
+        enable, job_config.checkpoint.enable = job_config.checkpoint.enable, False
+        try:
+            super().__init__(job_config)
+        finally:
+            job_config.checkpoint.enable = enable
+        if job_config.debug.seed is not None:  # TorchTitan seeds torch only; a resumed run restores all three
+            random.seed(job_config.debug.seed)
+            np.random.seed(job_config.debug.seed)
         self.metrics_processor.dataloader = self.dataloader  # its served tokens are the logged data mix
         self.resilience = job_config.resilience
         self._step_batches: list[Batch] = []
         self._step_losses: list[torch.Tensor] = []
         self._consecutive_skips = 0
-        self.checkpointer.close()  # replaced below; its purge thread must not linger
         self.checkpointer = ResilientCheckpointManager(
             dataloader=self.dataloader,
             model_parts=self.model_parts,
@@ -143,7 +159,13 @@ class HybridTrainer(Trainer):
         rows = [row_fingerprints(input_dict["input"]) for input_dict, _ in self._step_batches]
         if self._record_path:
             with open(self._record_path, "a") as f:
-                record = {"step": self.step, "loss": global_loss, "skipped": not finite, "rows": rows}
+                record = {
+                    "step": self.step,
+                    "loss": global_loss,
+                    "skipped": not finite,
+                    "rows": rows,
+                    "rng": rng_fingerprint(),
+                }
                 f.write(json.dumps(record) + "\n")
         if finite:
             return

@@ -154,7 +154,7 @@ class HybridValidation:
     from ``[hybrid_data.<source>]``) and reports loss, perplexity and bits per byte.
     """
 
-    sources: list[Literal["web", "code", "reasoning"]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     """Sources to validate, e.g. ``["web", "reasoning"]``; each reads its ``[hybrid_validation.<source>]``
     split or else its ``[hybrid_data.<source>] holdout`` shards."""
     web: ValidationSplit = field(default_factory=ValidationSplit)
@@ -169,6 +169,9 @@ class Checkpoint:
     on_fallback: Literal["warn", "stop"] = "warn"
     """When a newer checkpoint is damaged or incomplete: warn and resume from the newest good one,
     or stop the run naming the bad file. Passing over a model-only last save is never a fallback."""
+    keep_superseded: int = 3
+    """Newest set-aside ``step-N`` folders kept under ``<folder>/superseded/`` (an existing folder is
+    moved there when its step is saved again); older ones are deleted. 0 keeps all."""
 
 
 @dataclass

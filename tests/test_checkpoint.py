@@ -34,6 +34,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: digest(p) for p in folder.iterdir() if p.is_file()}
 
 
+@pytest.mark.distributed
 def test_kill_9_after_step_10_then_resume_is_bit_exact(reference, tmp_path):
     dump = tmp_path / "run"
     train_until_killed(dump, dump / "checkpoint" / "step-10" / COMPLETE_MARKER, *REFERENCE_ARGS)
@@ -49,6 +50,7 @@ def test_kill_9_after_step_10_then_resume_is_bit_exact(reference, tmp_path):
         assert got[step]["rng"] == want[step]["rng"], f"step {step}: Python / NumPy / torch RNG state differs"
 
 
+@pytest.mark.distributed
 def test_resume_on_one_rank_continues_loss_and_data(reference, tmp_path):
     """Saved with 2 ranks, resumed with 1 (same global batch through gradient accumulation)."""
     dump = tmp_path / "run"
@@ -70,6 +72,7 @@ def test_resume_on_one_rank_continues_loss_and_data(reference, tmp_path):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=2e-3), f"step {step}"
 
 
+@pytest.mark.distributed
 def test_resume_with_other_data_streams_says_how(reference, tmp_path):
     dump = tmp_path / "run"
     shutil.copytree(reference / "checkpoint" / "step-10", dump / "checkpoint" / "step-10")
@@ -90,6 +93,7 @@ def overwrite_middle(path: Path) -> None:
         f.write(bytes(255 - b for b in block))
 
 
+@pytest.mark.distributed
 def test_damaged_latest_checkpoint_falls_back_and_keeps_everything(reference, tmp_path):
     """Same-size garbage in ``.metadata`` (unpicklable) is caught by its checksum before DCP reads it."""
     dump = tmp_path / "run"
@@ -112,6 +116,7 @@ def test_damaged_latest_checkpoint_falls_back_and_keeps_everything(reference, tm
     assert snapshot(aside) == before["step-15"]
 
 
+@pytest.mark.distributed
 def test_fallback_is_fatal_with_on_fallback_stop(reference, tmp_path):
     dump = tmp_path / "run"
     shutil.copytree(reference / "checkpoint", dump / "checkpoint")
@@ -125,6 +130,7 @@ def test_fallback_is_fatal_with_on_fallback_stop(reference, tmp_path):
     assert not records(dump), "it trained"
 
 
+@pytest.mark.distributed
 def test_incomplete_or_damaged_checkpoints_are_never_chosen(reference, tmp_path):
     folder = tmp_path / "checkpoint"
     for step in (5, 10, 15, 20, 25, 30, 35):
@@ -147,6 +153,7 @@ def test_incomplete_or_damaged_checkpoints_are_never_chosen(reference, tmp_path)
     assert "missing .metadata" in reasons[5]
 
 
+@pytest.mark.distributed
 def test_resume_step_on_a_model_only_checkpoint_says_so(reference, tmp_path):
     dump = tmp_path / "run"
     shutil.copytree(reference / "checkpoint", dump / "checkpoint")
@@ -186,6 +193,7 @@ def test_rng_state_round_trip():
 NAN_ARGS = ["--training.steps", "4", "--resilience.inject_nonfinite_loss_at", "3"]
 
 
+@pytest.mark.distributed
 def test_nonfinite_loss_stops_the_run_without_a_checkpoint(tmp_path):
     dump = tmp_path / "run"
 
@@ -200,6 +208,7 @@ def test_nonfinite_loss_stops_the_run_without_a_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.distributed
 def test_nonfinite_loss_skips_the_update(tmp_path):
     dump = tmp_path / "run"
 
@@ -214,6 +223,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
     assert all(torch.isfinite(p).all() for p in load_checkpoint_model(str(ckpt / "step-4")).parameters())
 
 
+@pytest.mark.distributed
 def test_nonfinite_grad_norm_is_skipped_and_capped(tmp_path):
     """lr 1e6: the loss stays finite, the gradients turn NaN from step 2 on; two skips, then a stop."""
     dump = tmp_path / "run"

@@ -46,6 +46,7 @@ def inputs_of(input_dict: dict) -> dict:
     return {"tokens": input_dict["input"], **{k: v for k, v in input_dict.items() if k != "input"}}
 
 
+@pytest.mark.distributed
 def test_export_load_matches_the_live_model(reference, tmp_path):
     out = tmp_path / "exported"
     export(str(reference), str(out), step=10)
@@ -63,6 +64,7 @@ def test_export_load_matches_the_live_model(reference, tmp_path):
     assert global_loss(exported, batches) == pytest.approx(step_11["loss"], rel=1e-6)
 
 
+@pytest.mark.distributed
 def test_run_starts_from_an_exported_model(reference, tmp_path):
     exported, seed = tmp_path / "exported", tmp_path / "seed"
     export(str(reference), str(exported), step=10)

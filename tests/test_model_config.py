@@ -29,6 +29,17 @@ def test_tied_embeddings_are_one_parameter():
     assert logits.shape[-1] == hybrid_flavors["debug"].vocab_size
     names = [n for n, _ in model.named_parameters()]
     assert "tok_embeddings.weight" in names and not any("output" in n for n in names)
+    # The output projection is the embedding tensor: a row of a token absent from the input gets a
+    # gradient (only the projection can give it one) and moves only that token's logit.
+    tokens = torch.randint(0, 100, (1, 8))
+    model(tokens)[..., 200].sum().backward()
+    grad = model.tok_embeddings.weight.grad
+    assert grad[200].abs().sum() > 0 and grad[300].abs().sum() == 0
+    with torch.no_grad():
+        before = model(tokens)
+        model.tok_embeddings.weight[200] += 1.0
+        moved = (model(tokens) - before).abs().amax(dim=(0, 1)) > 0
+    assert moved.nonzero().flatten().tolist() == [200]
 
 
 @pytest.mark.parametrize(

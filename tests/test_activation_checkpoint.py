@@ -1,0 +1,47 @@
+"""Activation checkpointing (TorchTitan's apply_ac, as parallelize_hybrid applies it) changes memory, not math."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torchtitan.config import ConfigManager
+from torchtitan.distributed import ParallelDims
+
+from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+from titan_hybrid.models.hybrid.parallelize import parallelize_hybrid
+
+CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "debug_cpu.toml"
+ONE_RANK = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+
+
+def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode, option", [("full", "2"), ("selective", "1"), ("selective", "2"), ("selective", "op")])
+def test_ac_gives_the_loss_and_grads_of_none(mode, option):
+    torch.manual_seed(0)
+    plain = HybridLM(hybrid_flavors["debug"])
+    tokens = torch.randint(0, 1000, (2, 65))
+    job_config = ConfigManager().parse_args([
+        "--job.config_file", str(CONFIG), "--activation_checkpoint.mode", mode,
+        "--activation_checkpoint.selective_ac_option", option,
+    ])  # fmt: skip
+    checkpointed = parallelize_hybrid(copy.deepcopy(plain), ONE_RANK, job_config)
+    wrapped = [n for n, _ in checkpointed.named_modules() if n.endswith("_checkpoint_wrapped_module")]
+    every = 1 if mode == "full" or option == "op" else int(option)
+    assert len(wrapped) == len(range(0, plain.model_args.n_layers, every)), wrapped
+
+    want_loss, want_grads = loss_and_grads(plain, tokens)
+    got_loss, got_grads = loss_and_grads(checkpointed, tokens)
+
+    assert torch.equal(got_loss, want_loss)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.equal(got_grads[name], grad), name

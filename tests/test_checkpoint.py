@@ -228,7 +228,7 @@ def test_nonfinite_grad_norm_is_skipped_and_capped(tmp_path):
     """lr 1e6: the loss stays finite, the gradients turn NaN from step 2 on; two skips, then a stop."""
     dump = tmp_path / "run"
 
-    proc = train(dump, "--training.steps", "6", "--optimizer.lr", "1e6", "--checkpoint.interval", "1",
+    proc = train(dump, "--training.steps", "4", "--optimizer.lr", "1e6", "--checkpoint.interval", "1",
                  "--resilience.on_nonfinite_loss", "skip", "--resilience.max_consecutive_skips", "2",
                  check=False)  # fmt: skip
 

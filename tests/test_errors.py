@@ -13,10 +13,10 @@ from _train_runs import CONFIG, ROOT, _command, _env
 pytestmark = pytest.mark.distributed
 
 
-def launch(dump: Path, *args: str, log_rank: str = "0", config: Path = CONFIG) -> subprocess.CompletedProcess:
-    command = _command(dump, ["--training.steps", "2", *args])
+def launch(dump: Path, log_rank: str = "0", config: Path = CONFIG, ranks: int = 2) -> subprocess.CompletedProcess:
+    command = _command(dump, ["--training.steps", "2"])
     command[1] = str(config)
-    env = {**_env(2), "LOG_RANK": log_rank}
+    env = {**_env(ranks), "LOG_RANK": log_rank}
     return subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -47,7 +47,7 @@ def test_a_bad_config_value_is_the_last_line(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text(CONFIG.read_text().replace('pattern = "gggA"', 'pattern = "gggA"\ndim = "big"'))
 
-    proc = launch(tmp_path / "run", config=config)
+    proc = launch(tmp_path / "run", config=config, ranks=1)
 
     assert proc.returncode != 0
     assert proc.stdout.rstrip().splitlines()[-1] == (

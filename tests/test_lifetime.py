@@ -32,7 +32,7 @@ def test_killing_the_launcher_ends_every_rank_and_frees_the_folder(tmp_path):
     dump = tmp_path / "run"
     sems_before = semaphores()
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_command(dump, ["--training.steps", "1000"]), env=_env(2), cwd=ROOT,
+    first = subprocess.Popen(_command(dump, ["--training.steps", "1000", "--hybrid_data.loader", "process"]), env=_env(2), cwd=ROOT,
                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     record = dump / "step_record" / "rank_0.jsonl"
     workers: list[int] = []
@@ -42,7 +42,7 @@ def test_killing_the_launcher_ends_every_rank_and_frees_the_folder(tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         holder = (dump / "job.lock").read_text()
-        workers = _descendants(first.pid)  # the ranks, their loader processes and resource trackers
+        workers = _descendants(first.pid)  # the ranks, their loader processes (the default) and resource trackers
 
         second = train(dump, "--training.steps", "2", check=False)
 

@@ -32,8 +32,8 @@ def test_killing_the_launcher_ends_every_rank_and_frees_the_folder(tmp_path):
     dump = tmp_path / "run"
     sems_before = semaphores()
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_command(dump, ["--training.steps", "1000", "--hybrid_data.loader", "process"]), env=_env(2), cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    command = _command(dump, ["--training.steps", "1000", "--hybrid_data.loader", "process"])
+    first = subprocess.Popen(command, env=_env(2), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     record = dump / "step_record" / "rank_0.jsonl"
     workers: list[int] = []
     try:

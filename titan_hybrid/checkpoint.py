@@ -53,7 +53,7 @@ COMPLETE_MARKER = ".complete.json"
 SUPERSEDED_DIR = "superseded"
 RNG = "rng"
 CHECKSUM = "xxh3_64"
-"""The marker's key for ``{file name: hex digest}``; xxh3-64 reads and hashes at ~16 GB/s on one CPU core."""
+"""The marker's key for ``{file name: hex digest}``; xxh3-64 reads and hashes ~1 GiB in 60 ms on one CPU core."""
 MODEL_ONLY = "model-only (last_save_model_only), it cannot restore optimizer and data state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -245,7 +245,8 @@ class ResilientCheckpointManager(CheckpointManager):
         step, _ = newest_resumable_step(self.folder)
         if step < 0:
             return f"No resumable checkpoint in {self.folder} yet: the run can only start again from scratch."
-        return f"The newest good checkpoint is {self._create_checkpoint_id(step)}: run the same command to resume from it."
+        path = self._create_checkpoint_id(step)
+        return f"The newest good checkpoint is {path}: run the same command to resume from it."
 
     def _set_aside_existing(self, step: int) -> None:
         """Move an existing ``step-N`` aside, so a new save never mixes with old files."""

@@ -171,8 +171,13 @@ class HybridTrainer(Trainer):
             return
         batch_file = self._save_batch()
         loss_text = f"loss {global_loss} (this rank's share: {local.item()})"
-        what = f"non-finite {loss_text}, grad norm" if not math.isfinite(global_loss) else f"{loss_text}, non-finite grad norm"
-        message = f"step {self.step}: {what} {grad_norm}; rank {dist.get_rank()} batch rows {rows}, saved to {batch_file}"
+        if math.isfinite(global_loss):
+            what = f"{loss_text}, non-finite grad norm"
+        else:
+            what = f"non-finite {loss_text}, grad norm"
+        message = (
+            f"step {self.step}: {what} {grad_norm}; rank {dist.get_rank()} batch rows {rows}, saved to {batch_file}"
+        )
         if self.resilience.on_nonfinite_loss == "stop":
             raise NonFiniteStepError(
                 f"{message}; stopping (resilience.on_nonfinite_loss = 'stop'). {self.checkpointer.resume_hint()}"

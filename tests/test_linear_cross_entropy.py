@@ -66,9 +66,11 @@ def test_training_with_the_fused_loss_follows_the_plain_run(tmp_path_factory):
     dump = tmp_path_factory.mktemp("fused")
     train(dump, "--training.steps", str(STEPS), "--checkpoint.no-enable", "--hybrid_model.loss_chunk_tokens", "48")
     fused = records(dump)
-    # The chunked softmax rounds differently; Adam amplifies that to ~1e-3 by step 20 (as for a
-    # change of world size, see test_checkpoint), while the gradients themselves are checked above.
+    # The chunked softmax rounds differently; Adam amplifies that (as for a change of world size,
+    # see test_checkpoint), while the gradients themselves are checked above. Since one web shard
+    # is held out for validation the loss curve is bumpier and the amplified gap peaks at 3.0e-3
+    # (step 16; it was ~1e-3 on the old data): 5e-3 bounds that, 1e-4 still holds up to step 6.
     assert fused[1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-6)
     for step in range(1, STEPS + 1):
         assert fused[step]["rows"] == reference[step]["rows"]
-        assert fused[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4 if step <= 6 else 2e-3), step
+        assert fused[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4 if step <= 6 else 5e-3), step

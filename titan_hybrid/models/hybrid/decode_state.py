@@ -88,7 +88,6 @@ class DecodeState:
 
     layers: list[RecurrentState | KVCache]
     positions: Tensor  # [B]: position of the next token
-    capacity: int
     rope: Tensor
 
     def tensors(self) -> Iterator[Tensor]:

@@ -135,22 +135,23 @@ class DeltaRuleMixer(nn.Module, ABC):
         o = self.o_norm(o) * F.silu(self.heads(self.g_proj(x)))
         return self.o_proj(o.flatten(-2))
 
-    def forward(self, x: Tensor, resets: Tensor | None) -> Tensor:
+    def _convolved(self, x: Tensor, resets: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """The q / k / v projections of ``x``, and their convolved heads ``[B, T, H, K|V]``."""
         since_start = None if resets is None else tokens_since_doc_start(resets)
-        q = self.heads(self.q_conv(self.q_proj(x), since_start))
-        k = self.heads(self.k_conv(self.k_proj(x), since_start))
-        v = self.heads(self.v_conv(self.v_proj(x), since_start))
+        projected = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        return projected, [self.heads(conv(p, since_start)) for conv, p in zip(convs, projected)]
+
+    def forward(self, x: Tensor, resets: Tensor | None) -> Tensor:
+        _, (q, k, v) = self._convolved(x, resets)
         return self._output(self.mix(x, q, k, v, resets), x)
 
     def prefill(self, x: Tensor, prompt: Prompt) -> tuple[Tensor, RecurrentState]:
         """The training forward over left-padded prompts, keeping each row's final recurrent state
         and the inputs its convolutions need next."""
-        resets = prompt.resets
-        since_start = tokens_since_doc_start(resets)
-        projected = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        projected, (q, k, v) = self._convolved(x, prompt.resets)
+        o, ssm = self.mix(x, q, k, v, prompt.resets, output_final_state=True)
         convs = (self.q_conv, self.k_conv, self.v_conv)
-        q, k, v = (self.heads(conv(p, since_start)) for conv, p in zip(convs, projected))
-        o, ssm = self.mix(x, q, k, v, resets, output_final_state=True)
         windows = [conv.prompt_window(p, prompt) for conv, p in zip(convs, projected)]
         return self._output(o, x), RecurrentState(ssm=ssm, conv=windows)
 

@@ -224,7 +224,7 @@ class HybridLM(ModelProtocol):
             h, layer_state = block.prefill(h, prompt)
             layer_states.append(layer_state)
         h = self.norm(h if all_logits else h[:, -1])
-        state = DecodeState(layers=layer_states, positions=lengths.clone(), capacity=capacity, rope=rope)
+        state = DecodeState(layers=layer_states, positions=lengths.clone(), rope=rope)
         return self._logits(h), state
 
     def fuse_projections(self) -> None:
@@ -244,7 +244,6 @@ class HybridLM(ModelProtocol):
         return DecodeState(
             layers=[block.mixer.empty_state(batch, capacity, dtype, device) for block in self.layers.values()],
             positions=torch.zeros(batch, dtype=torch.long, device=device),
-            capacity=capacity,
             rope=rope_cache(a.rotary_dims, capacity, a.rope_theta, device=device),
         )
 

@@ -47,7 +47,7 @@ def build(pattern: str) -> HybridLM:
 def state_bytes(model: HybridLM, batch: int, length: int) -> int:
     """Bytes of the decoding state after ``length`` tokens (shapes only, on the meta device)."""
     dtype = torch.bfloat16
-    states = [block.mixer.empty_state(batch, length, dtype, torch.device("meta")) for block in model.layers.values()]
+    states = [block.mixer.empty_state(batch, length, dtype, torch.device("meta")) for block, _ in model.unrolled()]
     return sum(t.numel() * t.element_size() for s in states for t in s.tensors())
 
 

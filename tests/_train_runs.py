@@ -27,18 +27,20 @@ STEPS = 20
 INTERVAL = 5
 
 
-def _command(dump: Path, args: list[str]) -> list[str]:
-    return [str(ROOT / "run_train.sh"), str(CONFIG), *SMALL, "--job.dump_folder", str(dump), *args]
+def _command(dump: Path, args: list[str], config: Path = CONFIG) -> list[str]:
+    return [str(ROOT / "run_train.sh"), str(config), *SMALL, "--job.dump_folder", str(dump), *args]
 
 
 def _env(ranks: int) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "NGPU": str(ranks), "OMP_NUM_THREADS": "1", "LOG_RANK": "0"}
 
 
-def train(dump: Path, *args: str, ranks: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def train(
+    dump: Path, *args: str, ranks: int = 2, check: bool = True, config: Path = CONFIG
+) -> subprocess.CompletedProcess:
     """Run to completion; the combined output is in ``.stdout``."""
     proc = subprocess.run(
-        _command(dump, list(args)), env=_env(ranks), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(dump, list(args), config), env=_env(ranks), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     dump.mkdir(parents=True, exist_ok=True)
     (dump / f"run_{time.monotonic_ns()}.log").write_text(proc.stdout)  # for post-mortems
@@ -47,10 +49,12 @@ def train(dump: Path, *args: str, ranks: int = 2, check: bool = True) -> subproc
     return proc
 
 
-def train_until_killed(dump: Path, kill_when: Path, *args: str, ranks: int = 2, timeout: float = 300) -> None:
+def train_until_killed(
+    dump: Path, kill_when: Path, *args: str, ranks: int = 2, timeout: float = 300, config: Path = CONFIG
+) -> None:
     """Start a run and ``kill -9`` every process of it as soon as ``kill_when`` exists."""
     proc = subprocess.Popen(
-        _command(dump, list(args)), env=_env(ranks), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _command(dump, list(args), config), env=_env(ranks), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + timeout
     try:

@@ -39,7 +39,7 @@ def test_shipped_configs_pass(config_file):
 
 def test_each_bad_value_is_named_with_its_file(tmp_path):
     path = with_values(tmp_path, {
-        'pattern = "gggA"': 'pattern = "gggA"\ndim = "big"\ndocument_masking = "false"',
+        'pattern = "gggA"': 'pattern = "gggA"\ndim = "big"\ndocument_masking = "false"\nxsa = "yes"',
         "[hybrid_data]\n": '[resilience]\non_nonfinite_loss = "skpi"\n\n[hybrid_data]\n',
         "weight = 0.5": 'weight = "0.5"',
         "steps = 30": "steps = 1.5",
@@ -53,12 +53,13 @@ def test_each_bad_value_is_named_with_its_file(tmp_path):
     assert str(e.value).splitlines() == [
         f'{path}: [training] steps = 1.5: expected an integer',
         f'{path}: [hybrid_model] dim = "big": expected an integer',
+        f'{path}: [hybrid_model] xsa = "yes": expected true or false or a list of (an integer)',
         f'{path}: [hybrid_model] document_masking = "false": expected true or false',
         f'{path}: [hybrid_data.web] weight = "0.5": expected a number',
         f'{path}: [hybrid_validation] sources = ["web", 1]: expected a list of (a string)',
         f'{path}: [resilience] on_nonfinite_loss = "skpi": expected one of "stop", "skip"',
-        f'{path}: [model] flavor = "huge": expected one of "debug", "308M", "gdn2_kla_1.3B", "gdn_attn_63M" '
-        "(python -m titan_hybrid.flavors lists them with their sizes)",
+        f'{path}: [model] flavor = "huge": expected one of "debug", "308M", "gdn2_kla_1.3B", "gdn_attn_63M", '
+        '"pgolf_gdn_attn" (python -m titan_hybrid.flavors lists them with their sizes)',
     ]
 
 

@@ -1,7 +1,8 @@
 """Cached decoding against the full forward: prefill + one token at a time gives the training
 forward's logits at every position, for every mixer letter and for a mixed pattern with an
-attention sink, partial RoPE and a sliding window that wraps its ring buffer; batched prompts of
-different lengths are left-padded."""
+attention sink, partial RoPE and a sliding window that wraps its ring buffer, and for one with
+XSA, depth-scaled norms, soft-capped scores and depth recurrence; batched prompts of different
+lengths are left-padded."""
 
 import pytest
 import torch
@@ -20,6 +21,11 @@ CASES = {
     "2": dict(pattern="22"),
     "k": dict(pattern="kk"),
     "mixed": dict(pattern="gAd2kA", attn_sink=True, rope_dims=8, attn_window=5, delta_expand_v=1.5),
+    # The parameter-golf options: the decode state follows the unrolled depth (blocks 1..3 twice).
+    "pgolf": dict(
+        pattern="2AAgA", attn_sink=True, rope_dims=8, xsa=True, ln_scale=True, attn_softcap=3.0,
+        mlp="relu2", output_softcap=5.0, recur_layers=[1, 3],
+    ),
 }
 PROMPTS = [5, 9, 1]  # prompt lengths of the three rows
 NEW = 8  # decoded tokens per row, past the window of 5 (its ring buffer wraps)

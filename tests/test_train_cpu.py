@@ -23,7 +23,8 @@ def test_fsdp2_shards_parameters_and_matches_unsharded_gradients():
            "tests/distributed/fsdp_sharding.py"]
     result = run_cmd(cmd, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "SHARDED OK" in result.stdout
+    assert "SHARDED OK (debug)" in result.stdout
+    assert "SHARDED OK (pgolf_gdn_attn, recurrence on)" in result.stdout
 
 
 def test_bad_pattern_in_toml_names_the_field(run_train):

@@ -33,7 +33,7 @@ from titan_hybrid.hf import TitanHybridConfig, TitanHybridForCausalLM
 from titan_hybrid.hf.configuration_titan_hybrid import ARG_NAMES, model_args_from
 from titan_hybrid.hf.fla_gla import FlaGLAStateDictAdapter, fla_gla_config
 from titan_hybrid.hf.state_dict_adapter import HybridStateDictAdapter
-from titan_hybrid.models.hybrid import HybridLM
+from titan_hybrid.models.hybrid import HybridLM, HybridModelArgs
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -65,10 +65,20 @@ def find_step_dir(run_dir: str, step: int | None) -> str:
     return steps[step]
 
 
+def args_at_step(marker: dict[str, Any]) -> HybridModelArgs:
+    """The model of a checkpoint marker as it ran at its step: with depth recurrence from the
+    start (``recur_start = 0``) if the run had switched it on by then, else without it."""
+    args = model_args_from(marker["model"]["args"])
+    if not args.recur_layers:
+        return args
+    if args.recurrence_on_at(marker["step"], marker.get("training_steps", marker["step"])):
+        return args.replace(recur_start=0.0)
+    return args.replace(recur_layers=[], recur_start=0.0)
+
+
 def load_checkpoint_model(step_dir: str) -> HybridLM:
     """The model of a DCP checkpoint (saved on any number of ranks), in this process."""
-    args = model_args_from(read_marker(step_dir)["model"]["args"])
-    model = HybridLM(args)
+    model = HybridLM(args_at_step(read_marker(step_dir)))
     state = model.state_dict()
     dcp.load(state, checkpoint_id=step_dir)  # reads only the model's keys; no process group needed
     model.load_state_dict(state)

@@ -38,6 +38,7 @@ from torchtitan.train import Trainer
 
 from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
 from titan_hybrid.config.check import check_job_config
+from titan_hybrid.depth_recurrence import DepthRecurrence
 from titan_hybrid.lifetime import lock_dump_folder
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -98,7 +99,15 @@ class HybridTrainer(Trainer):
                     "args": dataclasses.asdict(self.model_args),
                 },
                 "hf_assets_path": os.path.abspath(job_config.model.hf_assets_path),
+                "training_steps": job_config.training.steps,  # when depth recurrence switches on
             },
+        )
+        self.depth_recurrence = (
+            DepthRecurrence(
+                self.model_args, self.model_parts, self.metrics_processor, job_config.training.seq_len, job_config.training.steps
+            )
+            if self.model_args.recur_layers
+            else None
         )
         self._record_path = None
         if self.resilience.step_record:
@@ -130,7 +139,11 @@ class HybridTrainer(Trainer):
 
     def train_step(self, data_iterator: Iterator[Batch]) -> None:
         self._step_batches, self._step_losses = [], []
+        if self.depth_recurrence:
+            self.depth_recurrence.before_step(self.step)
         super().train_step(data_iterator)
+        if self.depth_recurrence:
+            self.depth_recurrence.after_step()
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)

@@ -39,6 +39,16 @@ class HybridModel:
     """``flex``: FlexAttention block masks for documents / windows on CUDA."""
     output_softcap: float | None = None
     """``cap * tanh(logits / cap)`` on the output logits; 0 = off."""
+    attn_softcap: float | None = None
+    """``cap * tanh(scores / cap)`` on the attention scores; 0 = off (SDPA then runs explicitly: slower)."""
+    xsa: bool | list[int] | None = None
+    """Exclusive self attention: true = every attention layer, or a list of layer indices."""
+    ln_scale: bool | None = None
+    """Scale the pre-norm outputs at unrolled depth l by 1 / sqrt(l + 1)."""
+    recur_layers: list[int] | None = None
+    """Depth recurrence: [first, last] blocks run twice with shared weights once it is on; [] = off."""
+    recur_start: float | None = None
+    """Recurrence is on after the first floor(recur_start * training.steps) steps."""
     loss_chunk_tokens: int | None = None
     """Fuse the output projection into the loss, this many tokens at a time; 0 = off."""
     document_masking: bool | None = None

@@ -62,6 +62,14 @@ def fla_mismatches(args: HybridModelArgs) -> list[str]:
         found.append("attn_sink: fla's attention has no sink")
     if args.output_softcap:
         found.append("output_softcap: fla's GLA model has no logit soft-cap")
+    if args.attn_softcap:
+        found.append("attn_softcap: fla's attention has no score soft-cap")
+    if args.xsa:
+        found.append("xsa: fla's attention has no exclusive self attention")
+    if args.ln_scale:
+        found.append("ln_scale: fla's blocks do not scale their norms by depth")
+    if args.recur_layers:
+        found.append("recur_layers: fla's GLA model has no depth recurrence")
     if args.mlp != "swiglu":
         found.append(f"mlp = '{args.mlp}': fla's GatedMLP is SwiGLU (or PowGLU)")
     if args.gla_gate_low_rank_dim != FLA_GATE_LOW_RANK_DIM:

@@ -46,4 +46,25 @@ hybrid_flavors = {
         ffn_dim=1536,
         max_seq_len=4096,
     ),
+    # Shaped like the parameter-golf record (PR #1895, 3 GDN + 8 attention layers): GDN-2 at layers
+    # 0, 1 and 10 (the record's Gated DeltaNet cannot train on Hopper with Triton < 3.7.1), partial
+    # RoPE 16/64, attention sinks, XSA on every attention layer, depth-scaled norms,
+    # LeakyReLU(0.5)^2 MLP, output soft-cap 20; blocks 4..5 run twice from 40 % of the run.
+    "pgolf_gdn_attn": HybridModelArgs(
+        dim=512,
+        n_layers=11,
+        pattern="22AAAAAAAA2",
+        n_heads=8,
+        n_kv_heads=4,
+        mlp="relu2",
+        ffn_dim=1536,
+        rope_dims=16,
+        attn_sink=True,
+        xsa=True,
+        ln_scale=True,
+        output_softcap=20.0,
+        recur_layers=[4, 5],
+        recur_start=0.4,
+        max_seq_len=4096,
+    ),
 }

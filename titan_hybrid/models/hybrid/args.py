@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from torch import nn
 from torchtitan.config import JobConfig
@@ -58,6 +59,21 @@ class HybridModelArgs(BaseModelArgs):
     SDPA path (the same function). ``flex`` has no attention sink."""
     output_softcap: float = 0.0
     """Soft-cap the output logits to ``cap * tanh(logits / cap)``; 0 = off."""
+    attn_softcap: float = 0.0
+    """Soft-cap the attention scores to ``cap * tanh(scores / cap)`` before the softmax; 0 = off.
+    FlexAttention applies it as a score_mod; the SDPA path then computes the scores explicitly
+    (no flash kernel: slower and O(T^2) memory)."""
+    xsa: bool | list[int] = False
+    """Exclusive self attention: each head's output minus its projection onto the token's own
+    value, ``o - (o . v / |v|^2) v``. True = every ``A`` layer, or a list of layer indices."""
+    ln_scale: bool = False
+    """Multiply the pre-norm outputs of the block at unrolled depth ``l`` (0-based) by ``1 / sqrt(l + 1)``."""
+    recur_layers: list[int] = field(default_factory=list)
+    """Depth recurrence: ``[i, j]``, the blocks ``i..j`` (inclusive) run twice in a row with the
+    same weights once it is on; [] = off."""
+    recur_start: float = 0.0
+    """Training: recurrence is off for the first ``floor(recur_start * training.steps)`` steps, on
+    after (0 = from the start)."""
     loss_chunk_tokens: int = 0
     """Training: fuse the output projection into the loss, ``loss_chunk_tokens`` tokens at a time, so the
     full logits never exist (``ops/linear_cross_entropy.py``); 0 = logits, then TorchTitan's loss."""
@@ -84,15 +100,15 @@ class HybridModelArgs(BaseModelArgs):
         self.validate()
 
     def validate(self) -> None:
-        def fail(field: str, why: str) -> None:
-            raise ModelConfigError(f"hybrid model: field '{field}' {why}")
+        def fail(name: str, why: str) -> None:
+            raise ModelConfigError(f"hybrid model: field '{name}' {why}")
 
-        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "conv_size", "kla_eps"):
-            if getattr(self, field) <= 0:
-                fail(field, f"must be positive, got {getattr(self, field)}")
-        for field in ("rope_dims", "attn_window", "output_softcap", "delta_head_dim", "loss_chunk_tokens"):
-            if getattr(self, field) < 0:
-                fail(field, f"must be >= 0 (0 = off / default), got {getattr(self, field)}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "conv_size", "kla_eps"):
+            if getattr(self, name) <= 0:
+                fail(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("rope_dims", "attn_window", "output_softcap", "attn_softcap", "delta_head_dim", "loss_chunk_tokens"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0 (0 = off / default), got {getattr(self, name)}")
         if self.attn_type not in ("sdpa", "flex"):
             fail("attn_type", f"is {self.attn_type!r}; known: 'sdpa', 'flex'")
         if self.attn_type == "flex" and self.attn_sink:
@@ -116,13 +132,25 @@ class HybridModelArgs(BaseModelArgs):
             fail("rope_dims", f"= {self.rope_dims} must be even and <= head dim {self.head_dim}")
         if self.rotary_dims % 2:
             fail("n_heads", f"gives odd head dim {self.head_dim}; RoPE needs it even (or set rope_dims)")
-        for field in ("gla_expand_k", "gla_expand_v"):
-            width = self.dim * getattr(self, field)
+        for name in ("gla_expand_k", "gla_expand_v"):
+            width = self.dim * getattr(self, name)
             if width != int(width) or int(width) % self.n_heads:
-                fail(field, f"gives width {width}, which must be an integer divisible by n_heads")
+                fail(name, f"gives width {width}, which must be an integer divisible by n_heads")
         value_head = self.delta_key_head_dim * self.delta_expand_v
         if value_head != int(value_head) or value_head <= 0:
             fail("delta_expand_v", f"gives value head dim {value_head}, which must be a positive integer")
+        if not isinstance(self.xsa, bool):
+            not_attention = [i for i in self.xsa if not 0 <= i < self.n_layers or self.pattern[i] != "A"]
+            if not_attention:
+                fail("xsa", f"lists {not_attention}, not attention ('A') layers of '{self.pattern}'")
+        if self.recur_layers:
+            if len(self.recur_layers) != 2 or not 0 <= self.recur_layers[0] <= self.recur_layers[1] < self.n_layers:
+                fail(
+                    "recur_layers",
+                    f"= {self.recur_layers}: give [first, last] block indices, 0 <= first <= last < {self.n_layers}",
+                )
+        if not 0 <= self.recur_start < 1:
+            fail("recur_start", f"= {self.recur_start}: a fraction of the run's steps in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -148,6 +176,23 @@ class HybridModelArgs(BaseModelArgs):
     def gla_value_dim(self) -> int:
         return int(self.dim * self.gla_expand_v)
 
+    def xsa_on(self, layer: int) -> bool:
+        """Whether attention layer ``layer`` subtracts its self-value component (``xsa``)."""
+        return self.xsa if isinstance(self.xsa, bool) else layer in self.xsa
+
+    def depth_order(self, recurrence_on: bool) -> list[int]:
+        """Block indices in the order the forward runs them: the ``recur_layers`` segment twice
+        when recurrence is on."""
+        order = list(range(self.n_layers))
+        if not (recurrence_on and self.recur_layers):
+            return order
+        first, last = self.recur_layers
+        return order[: last + 1] + order[first:]
+
+    def recurrence_on_at(self, step: int, total_steps: int) -> bool:
+        """Whether training step ``step`` (1-based) of ``total_steps`` runs the segment twice."""
+        return bool(self.recur_layers) and step > math.floor(self.recur_start * total_steps)
+
     def replace(self, **changes) -> HybridModelArgs:
         return dataclasses.replace(self, **changes)
 
@@ -155,10 +200,10 @@ class HybridModelArgs(BaseModelArgs):
         """Apply the TOML's ``[hybrid_model]`` overrides and the training sequence length."""
         overrides = getattr(job_config, "hybrid_model", None)
         if overrides is not None:
-            for field in dataclasses.fields(overrides):
-                value = getattr(overrides, field.name)
+            for f in dataclasses.fields(overrides):
+                value = getattr(overrides, f.name)
                 if value is not None:
-                    setattr(self, field.name, value)
+                    setattr(self, f.name, value)
         self.max_seq_len = max(self.max_seq_len, job_config.training.seq_len)
         if job_config.parallelism.tensor_parallel_degree > 1:
             raise ModelConfigError("parallelism.tensor_parallel_degree: the hybrid model supports FSDP only")
@@ -168,8 +213,9 @@ class HybridModelArgs(BaseModelArgs):
             raise ModelConfigError("parallelism.pipeline_parallel_degree: the hybrid model supports FSDP only")
         self.validate()
 
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        """Unique parameters, and training FLOPs per token.
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int, recurrence_on: bool = False) -> tuple[int, int]:
+        """Unique parameters, and training FLOPs per token (with the ``recur_layers`` segment
+        counted twice when ``recurrence_on``: its weights are shared, its work is not).
 
         6 FLOPs per parameter per token (the tied embedding counts once, as the
         output projection; the lookup is free; the short convolutions apply each
@@ -189,12 +235,16 @@ class HybridModelArgs(BaseModelArgs):
           gates (O(K + V)) are left out.
         """
         nparams = sum(p.numel() for p in model.parameters())
+        order = self.depth_order(recurrence_on)
+        repeated = order[self.n_layers :]
+        flop_params = nparams + sum(p.numel() for i in repeated for p in model.layers[str(i)].parameters())
+        pattern = "".join(self.pattern[i] for i in order)
         window = min(self.attn_window or seq_len, seq_len)
         mean_keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len + self.attn_sink
-        attn = self.pattern.count("A") * 12 * self.n_heads * self.head_dim * mean_keys
+        attn = pattern.count("A") * 12 * self.n_heads * self.head_dim * mean_keys
         hk, hv = self.gla_key_dim // self.n_heads, self.gla_value_dim // self.n_heads
-        gla = self.pattern.count("g") * 3 * self.n_heads * (4 * hk * hv + self.gla_chunk_size * (hk + hv))
+        gla = pattern.count("g") * 3 * self.n_heads * (4 * hk * hv + self.gla_chunk_size * (hk + hv))
         dk, dv = self.delta_key_head_dim, self.delta_value_head_dim
-        n_delta = sum(self.pattern.count(c) for c in DELTA_MIXERS)
+        n_delta = sum(pattern.count(c) for c in DELTA_MIXERS)
         delta = n_delta * 3 * self.n_heads * (6 * dk * dv + DELTA_CHUNK_SIZE * (3 * dk + 2 * dv))
-        return nparams, int(6 * nparams + attn + gla + delta)
+        return nparams, int(6 * flop_params + attn + gla + delta)

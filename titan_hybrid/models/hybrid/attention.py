@@ -3,7 +3,8 @@
 Options (``HybridModelArgs``): partial RoPE (``rope_dims``), a learned attention sink
 (``attn_sink``) and a sliding window (``attn_window``), each combined with document masking;
 ``attn_type = "flex"`` runs documents and windows through FlexAttention on CUDA (TorchTitan's
-wrapper), which skips fully masked blocks instead of masking a dense score matrix.
+wrapper), which skips fully masked blocks instead of masking a dense score matrix. A score
+soft-cap (``attn_softcap``) and exclusive self attention (``xsa``) apply on either path.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, and_masks
+from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention
 from torchtitan.models.attention import (
     FlexAttentionWrapper,
     create_attention_mask,
@@ -60,6 +61,66 @@ def flex_block_mask(doc_ids: torch.Tensor | None, window: int, T: int) -> BlockM
     return create_attention_mask(and_masks(*mask_mods), batch, None, T, T)
 
 
+class SoftcappedFlexAttention(FlexAttentionWrapper):
+    """FlexAttention with ``cap * tanh(score / cap)`` as its score_mod.
+
+    TorchTitan 0.2.2's ``FlexAttentionWrapper.forward`` takes a ``score_mod`` but does not pass it
+    on to ``flex_attention`` (the scores stay uncapped), so this compiles its own, with the
+    wrapper's options."""
+
+    _compiled_flex_attn = torch.compile(
+        flex_attention,
+        options={
+            "wrap_inductor_compiled_regions": True,
+            "max_autotune": True,
+            "coordinate_descent_tuning": True,
+            "triton.cudagraphs": False,
+        },
+    )
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def softcap(self, score: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
+        return self.cap * torch.tanh(score / self.cap)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask, enable_gqa: bool = False
+    ) -> torch.Tensor:
+        return SoftcappedFlexAttention._compiled_flex_attn(
+            q, k, v, score_mod=self.softcap, block_mask=block_mask, enable_gqa=enable_gqa
+        )
+
+
+def exclusive_self_attention(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output ``o [B, H, T, D]`` its component along the token's own
+    value ``v [B, KV, T, D]`` (head ``h`` reads KV head ``h // (H / KV)``, as GQA does), so the
+    layer passes on only what it gathered from other tokens."""
+    B, H, T, D = o.shape
+    groups = o.view(B, v.shape[1], H // v.shape[1], T, D)
+    unit = F.normalize(v.float(), dim=-1).unsqueeze(2).type_as(o)
+    return (groups - (groups * unit).sum(-1, keepdim=True) * unit).view(B, H, T, D)
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cap: float
+) -> torch.Tensor:
+    """Attention with ``cap * tanh(scores / cap)`` on the scores, computed explicitly (SDPA takes no
+    score function): ``q [B, H, Tq, D]``, ``k, v [B, KV, Tk, D]``; ``mask`` boolean (True = attend),
+    None = causal with the queries at the end of the keys."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    groups = H // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q.float() @ k.float().transpose(-1, -2)) * D**-0.5
+    scores = cap * torch.tanh(scores / cap)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).type_as(q)
+
+
 def attention_mask(
     T: int, doc_ids: torch.Tensor | None, window: int, sink: bool, device: torch.device
 ) -> torch.Tensor | None:
@@ -80,17 +141,19 @@ def attention_mask(
 
 
 class Attention(nn.Module):
-    def __init__(self, args: HybridModelArgs):
+    def __init__(self, args: HybridModelArgs, xsa: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.attn_window
+        self.softcap = args.attn_softcap
+        self.xsa = xsa
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         # One learned key per KV head, no position; its value is 0, so it only absorbs softmax mass.
-        self.sink_k = nn.Parameter(torch.empty(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
-        self.flex = FlexAttentionWrapper()
+        self.sink_k = nn.Parameter(torch.zeros(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
+        self.flex = SoftcappedFlexAttention(self.softcap) if self.softcap else FlexAttentionWrapper()
         self.qkv_group: LinearGroup | None = None  # fuse_projections()
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -128,15 +191,30 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, block_mask: BlockMask | None
     ) -> torch.Tensor:
         B, _, T, _ = q.shape
+        keys, values = k, v
         if self.sink_k is not None:
-            k = torch.cat([self._sink_keys(B, k.dtype), k], dim=2)
-            v = F.pad(v, (0, 0, 1, 0))
+            keys = torch.cat([self._sink_keys(B, k.dtype), k], dim=2)
+            values = F.pad(v, (0, 0, 1, 0))
         gqa = self.n_heads != self.n_kv_heads
         if block_mask is not None:
-            o = self.flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+            o = self.flex(q, keys, values, block_mask=block_mask, enable_gqa=gqa)
         else:
             mask = attention_mask(T, doc_ids, self.window, self.sink_k is not None, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            o = self._sdpa(q, keys, values, mask)
+        return self._output(o, v)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPA (None = causal), or the explicit soft-capped path."""
+        if self.softcap:
+            return softcapped_attention(q, k, v, mask, self.softcap)
+        gqa = self.n_heads != self.n_kv_heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+    def _output(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Heads ``o [B, H, T, D]`` (XSA against the tokens' own values ``v``) to ``[B, T, dim]``."""
+        if self.xsa:
+            o = exclusive_self_attention(o, v)
+        B, _, T, _ = o.shape
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
     # Inference: prefill a prompt into the KV cache, then decode one token at a time.
@@ -192,6 +270,4 @@ class Attention(nn.Module):
         cache.k.scatter_(2, index, k)
         cache.v.scatter_(2, index, v)
         valid = torch.arange(slots + sink, device=x.device) <= (positions + sink).unsqueeze(1)  # [B, sink + slots]
-        gqa = self.n_heads != self.n_kv_heads
-        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=valid[:, None, None, :], enable_gqa=gqa)
-        return self.wo(o.reshape(B, 1, -1))
+        return self._output(self._sdpa(q, cache.k, cache.v, valid[:, None, None, :]), v)

@@ -73,13 +73,17 @@ assert MLP_LAYERS.keys() == MLPS.keys(), "args.MLPS and model.MLP_LAYERS disagre
 
 
 class HybridBlock(nn.Module):
-    """Pre-norm residual block: mixer then MLP."""
+    """Pre-norm residual block: mixer then MLP.
 
-    def __init__(self, mixer_kind: str, args: HybridModelArgs):
+    ``norm_scale`` (``ln_scale``: ``1 / sqrt(l + 1)`` at unrolled depth ``l``) multiplies both
+    pre-norm outputs; it is an argument, not a weight, because a recurrent block runs at two depths.
+    """
+
+    def __init__(self, layer: int, args: HybridModelArgs):
         super().__init__()
-        self.mixer_kind = mixer_kind
+        self.mixer_kind = mixer_kind = args.pattern[layer]
         self.mixer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.mixer = MIXER_LAYERS[mixer_kind](args)
+        self.mixer = Attention(args, xsa=args.xsa_on(layer)) if mixer_kind == "A" else MIXER_LAYERS[mixer_kind](args)
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mlp = MLP_LAYERS[args.mlp](args.dim, args.ffn_dim)
 
@@ -97,26 +101,42 @@ class HybridBlock(nn.Module):
         doc_ids: torch.Tensor | None,
         resets: torch.Tensor | None,
         block_mask: BlockMask | None = None,
+        norm_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.mixer_norm(x)
+        h = self._scaled(self.mixer_norm(x), norm_scale)
         if self.mixer_kind == "A":
             x = x + self.mixer(h, rope, positions, doc_ids, block_mask)
         else:
             x = x + self.mixer(h, resets)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._mlp(x, norm_scale)
 
-    def prefill(self, x: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, RecurrentState | KVCache]:
-        h, state = self.mixer.prefill(self.mixer_norm(x), prompt)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), state
+    @staticmethod
+    def _scaled(h: torch.Tensor, norm_scale: torch.Tensor | None) -> torch.Tensor:
+        return h if norm_scale is None else h * norm_scale
 
-    def step(self, x: torch.Tensor, state: RecurrentState | KVCache, positions: torch.Tensor, rope: torch.Tensor):
-        h = self.mixer_norm(x)
+    def _mlp(self, x: torch.Tensor, norm_scale: torch.Tensor | None) -> torch.Tensor:
+        return x + self.mlp(self._scaled(self.mlp_norm(x), norm_scale))
+
+    def prefill(
+        self, x: torch.Tensor, prompt: Prompt, norm_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RecurrentState | KVCache]:
+        h, state = self.mixer.prefill(self._scaled(self.mixer_norm(x), norm_scale), prompt)
+        return self._mlp(x + h, norm_scale), state
+
+    def step(
+        self,
+        x: torch.Tensor,
+        state: RecurrentState | KVCache,
+        positions: torch.Tensor,
+        rope: torch.Tensor,
+        norm_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self._scaled(self.mixer_norm(x), norm_scale)
         if self.mixer_kind == "A":
             x = x + self.mixer.step(h, state, positions, rope)
         else:
             x = x + self.mixer.step(h, state)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._mlp(x, norm_scale)
 
 
 class HybridLM(ModelProtocol):
@@ -126,26 +146,42 @@ class HybridLM(ModelProtocol):
     document starts; with ``document_masking`` they keep attention, the recurrent
     states and the short convolutions inside each document. Without them every
     row is one sequence.
+
+    ``recurrence_on``: run the ``recur_layers`` segment twice (depth recurrence). A new
+    model has it on when ``recur_start`` is 0; the trainer switches it on at its step.
     """
 
     def __init__(self, model_args: HybridModelArgs):
         super().__init__(model_args)
         self.model_args = model_args
+        self.recurrence_on = bool(model_args.recur_layers) and model_args.recur_start == 0
         self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
-        self.layers = nn.ModuleDict(
-            {str(i): HybridBlock(kind, model_args) for i, kind in enumerate(model_args.pattern)}
-        )
+        self.layers = nn.ModuleDict({str(i): HybridBlock(i, model_args) for i in range(model_args.n_layers)})
         self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
         self.register_buffer("rope", self._rope(), persistent=False)
+        self.register_buffer("ln_scales", self._ln_scales(), persistent=False)
 
     def _rope(self, device=None) -> torch.Tensor:
         a = self.model_args
         return rope_cache(a.rotary_dims, a.max_seq_len, a.rope_theta, device=device)
 
+    def _ln_scales(self, device=None) -> torch.Tensor:
+        """``1 / sqrt(l + 1)`` for every unrolled depth ``l`` (used with ``ln_scale``)."""
+        depth = len(self.model_args.depth_order(recurrence_on=True))
+        return torch.arange(1, depth + 1, device=device, dtype=torch.float32).rsqrt()
+
+    def unrolled(self) -> list[tuple[HybridBlock, torch.Tensor | None]]:
+        """The blocks in the order the forward runs them, each with its ``norm_scale``."""
+        blocks = list(self.layers.values())
+        order = self.model_args.depth_order(self.recurrence_on)
+        scales = list(self.ln_scales) if self.model_args.ln_scale else [None] * len(order)
+        return [(blocks[i], scale) for i, scale in zip(order, scales)]
+
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Small-std init; residual output projections scaled by 1/sqrt(2 * n_layers)."""
         device = buffer_device or self.rope.device
         self.rope = self._rope(device=device)
+        self.ln_scales = self._ln_scales(device=device)
         std = 0.02
         out_std = std / math.sqrt(2 * self.model_args.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
@@ -188,8 +224,8 @@ class HybridLM(ModelProtocol):
         if resets is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)
-        for block in self.layers.values():
-            h = block(h, self.rope, positions, doc_ids, resets, attention_masks)
+        for block, norm_scale in self.unrolled():
+            h = block(h, self.rope, positions, doc_ids, resets, attention_masks, norm_scale)
         h = self.norm(h)
         cap = self.model_args.output_softcap
         if labels is not None:
@@ -220,8 +256,8 @@ class HybridLM(ModelProtocol):
         prompt = Prompt.left_padded(lengths, tokens.shape[1], capacity, rope)
         h = self.tok_embeddings(tokens)
         layer_states = []
-        for block in self.layers.values():
-            h, layer_state = block.prefill(h, prompt)
+        for block, norm_scale in self.unrolled():
+            h, layer_state = block.prefill(h, prompt, norm_scale)
             layer_states.append(layer_state)
         h = self.norm(h if all_logits else h[:, -1])
         state = DecodeState(layers=layer_states, positions=lengths.clone(), rope=rope)
@@ -242,7 +278,7 @@ class HybridLM(ModelProtocol):
         dtype = dtype or self.tok_embeddings.weight.dtype
         a = self.model_args
         return DecodeState(
-            layers=[block.mixer.empty_state(batch, capacity, dtype, device) for block in self.layers.values()],
+            layers=[block.mixer.empty_state(batch, capacity, dtype, device) for block, _ in self.unrolled()],
             positions=torch.zeros(batch, dtype=torch.long, device=device),
             rope=rope_cache(a.rotary_dims, capacity, a.rope_theta, device=device),
         )
@@ -253,7 +289,7 @@ class HybridLM(ModelProtocol):
         place (each row's position too). No host sync, so the step can be captured in a CUDA graph;
         a full KV cache is not checked here (``titan_hybrid.generate`` sizes it)."""
         h = self.tok_embeddings(tokens.unsqueeze(1))
-        for block, layer_state in zip(self.layers.values(), state.layers):
-            h = block.step(h, layer_state, state.positions, state.rope)
+        for (block, norm_scale), layer_state in zip(self.unrolled(), state.layers, strict=True):
+            h = block.step(h, layer_state, state.positions, state.rope, norm_scale)
         state.positions += 1
         return self._logits(self.norm(h[:, 0]))

@@ -5,7 +5,17 @@
 # NNODES (default 1), RDZV_ENDPOINT (host:port of the c10d rendezvous, multi-node only; it assigns
 # the node ranks),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
-# TRITON_CACHE_DIR (GPU: where tuned Triton kernels persist; default ./.cache/triton),
+# TITAN_HYBRID_CACHE_DIR (default ./.cache): one folder for the compile caches below, so a restart
+# reuses what earlier runs compiled and tuned (each variable, set by you, wins):
+#   TRITON_CACHE_DIR=$TITAN_HYBRID_CACHE_DIR/triton: compiled Triton kernels (fla's, Inductor's);
+#   TRITON_CACHE_AUTOTUNING=1: triton.autotune keeps each kernel's timings there too, so fla's
+#     autotuning (minutes per new GPU, head size, dtype) runs once; fla 0.6 asks for this for its
+#     own kernels (FLA_CACHE_RESULTS=1), the knob extends it to every autotuned Triton kernel;
+#   TORCHINDUCTOR_CACHE_DIR=$TITAN_HYBRID_CACHE_DIR/inductor: Inductor's compiled code (C++ on CPU)
+#     and autotuning results (FlexAttention's max-autotune), with the caches that find them again:
+#   TORCHINDUCTOR_FX_GRAPH_CACHE=1, TORCHINDUCTOR_AUTOGRAD_CACHE=1: Inductor's FX-graph cache and
+#     AOTAutograd's forward + backward cache (on by default in torch 2.11-2.13; forced on here).
+#   Dynamo still traces each block kind at every start (seconds); bench/warm_start.py measures both.
 # RESUME_STEP (resume from this step-N checkpoint; by default, with [checkpoint] enable, the run
 # resumes from the newest complete checkpoint in its folder, see docs/checkpointing.md).
 set -euo pipefail
@@ -19,21 +29,28 @@ if [[ ! -f "$CONFIG_FILE" ]]; then
     echo "run_train.sh: config file '$CONFIG_FILE' does not exist" >&2
     exit 2
 fi
-cd "$(dirname "$(realpath "$0")")"
+REPO=$(dirname "$(realpath "$0")")
+TITAN_HYBRID_CACHE_DIR=$(realpath -m "${TITAN_HYBRID_CACHE_DIR:-$REPO/.cache}")  # before the cd, like CONFIG_FILE
+export TITAN_HYBRID_CACHE_DIR
+cd "$REPO"
 
 PYTHON=${PYTHON:-python3}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "$GPUS" -gt 0 ]]; then
     NGPU=${NGPU:-$GPUS}
-    # fla autotunes its Triton kernels on first use (minutes); Triton keeps the tuned configs in
-    # its cache, so a cache that outlives the run makes every later start take seconds.
-    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 else
     NGPU=${NGPU:-2}  # CPU: gloo ranks
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 NNODES=${NNODES:-1}
 LOG_RANK=${LOG_RANK:-0}
+
+# Compile caches (see the header): fla's autotuning and Inductor's compiles are most of a cold start.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TITAN_HYBRID_CACHE_DIR/triton}
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$TITAN_HYBRID_CACHE_DIR/inductor}
+export TORCHINDUCTOR_FX_GRAPH_CACHE=${TORCHINDUCTOR_FX_GRAPH_CACHE:-1}
+export TORCHINDUCTOR_AUTOGRAD_CACHE=${TORCHINDUCTOR_AUTOGRAD_CACHE:-1}
 
 if [[ "$NNODES" -gt 1 ]]; then
     RDZV=(--rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port for multi-node runs}")

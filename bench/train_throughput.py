@@ -5,7 +5,8 @@
 Runs N steps (no checkpoints), reads TorchTitan's per-step metric lines and prints,
 per GPU: tokens/s and MFU (means over the steps after ``--skip``), peak reserved
 memory, and the warm-up (launch to the end of step 1: start-up, torch.compile and
-Triton autotuning, which a warm ``TRITON_CACHE_DIR`` removes). MFU is TorchTitan's:
+Triton autotuning, which run_train.sh's ``TITAN_HYBRID_CACHE_DIR`` keeps for the next start;
+``bench.warm_start`` times a cold and a warm start). MFU is TorchTitan's:
 FLOPs per token from ``HybridModelArgs.get_nparams_and_flops`` (6·N plus the
 attention and linear-attention terms) over the GPU's named dense bf16 peak
 (``torchtitan.tools.utils.get_peak_flops``, 989 TFLOP/s for H100 SXM and H200).

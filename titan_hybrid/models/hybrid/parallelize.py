@@ -29,6 +29,9 @@ _OP_SAC_SAVE_LIST = {
     torch.ops.aten._scaled_dot_product_attention_math.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
+# Dynamo cache entries one block may need: training and no-grad (validation) graphs, each with
+# static and then dynamic shapes (after a validation seq_len that differs from training's).
+_GRAPHS_PER_BLOCK = 4
 
 
 def parallelize_hybrid(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
@@ -59,10 +62,28 @@ def parallelize_hybrid(model: nn.Module, parallel_dims: ParallelDims, job_config
 
 
 def apply_compile(model: nn.Module, backend: str) -> None:
-    """Compile each block; fla's Triton kernels stay outside the graph (see ops/gla.py)."""
+    """Compile each block; fla's Triton kernels stay outside the graph (see ops/gla.py).
+
+    Blocks of one kind share one compiled graph: every block runs ``HybridBlock.forward`` (or
+    AC's wrapper around it), whose guards check the mixer's type and settings, not which block it
+    is (parameters are graph inputs), so a 24-block ``gggA`` model compiles 2 graphs, not 24
+    (``tests/test_compile.py``)."""
+    _fit_recompile_limit(len(model.layers))
     for layer_id, block in model.layers.named_children():
         model.layers.register_module(layer_id, torch.compile(block, backend=backend))
-    logger.info("Compiled each hybrid block with torch.compile")
+    logger.info(
+        f"Compiled each hybrid block with torch.compile (one graph per block kind; "
+        f"recompile_limit {torch._dynamo.config.recompile_limit})"
+    )
+
+
+def _fit_recompile_limit(n_blocks: int) -> None:
+    """All kinds' graphs are cache entries of one code object, and Dynamo runs a code object
+    eagerly (with a warning) once it holds ``recompile_limit`` (8) of them: five mixer kinds
+    trained and validated already need 10. Allow each block its training and no-grad graphs, each
+    twice (static, then dynamic shapes), as if every block were a kind of its own."""
+    limit = max(torch._dynamo.config.recompile_limit, _GRAPHS_PER_BLOCK * n_blocks)
+    torch._dynamo.config.recompile_limit = limit
 
 
 def apply_fsdp(

@@ -1,0 +1,115 @@
+"""Cold and warm warm-up of a config: launch to the end of step 1, with empty and with filled caches.
+
+    python -m bench.warm_start CONFIG [--cache-dir DIR] [--label NAME] [--out FILE.jsonl] [-- OVERRIDES...]
+
+Runs ``./run_train.sh CONFIG`` for one step twice with the same ``TITAN_HYBRID_CACHE_DIR``: first
+empty (cold: fla's Triton autotuning, Inductor's compiles), then as the first run left it (warm:
+what a restart costs). Each run's time to rank 0's step-1 metric line is split at TorchTitan's
+"Training starts" line into start-up (imports, model, data loader) and step 1 (Dynamo tracing,
+compiling, autotuning, the step itself). The cache variables that run_train.sh derives from the
+folder (``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ...) are dropped from the environment, so
+the cold run is cold. ``--cache-dir`` (kept; must be empty or absent) defaults to a temporary folder
+that is removed afterwards. Appends one JSON line to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.train_throughput import environment
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_1 = re.compile(r"(?<!validate )step:\s*1\s+loss:")
+TRAINING_STARTS = re.compile(r"Training starts at step")
+# What run_train.sh sets from TITAN_HYBRID_CACHE_DIR; a value from the caller would win there.
+CACHE_VARS = (
+    "TRITON_CACHE_DIR",
+    "TRITON_CACHE_AUTOTUNING",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE",
+)
+
+
+def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path) -> dict[str, float | dict]:
+    """One step of training; seconds from the launch to "Training starts" and to the step-1 line."""
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
+    env.update(TITAN_HYBRID_CACHE_DIR=str(cache_dir), LOG_RANK="0", PYTHON=env.get("PYTHON", sys.executable))
+    marks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="warm_start_dump_") as dump:
+        cmd = [str(ROOT / "run_train.sh"), config, "--job.dump_folder", dump, "--training.steps", "1",
+               "--metrics.log_freq", "1", "--checkpoint.no-enable", *overrides]  # fmt: skip
+        start = time.monotonic()
+        with open(log_path, "w", buffering=1) as log, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            for line in proc.stdout:
+                log.write(line)
+                for name, pattern in (("training_starts", TRAINING_STARTS), ("step_1", STEP_1)):
+                    if name not in marks and pattern.search(line):
+                        marks[name] = time.monotonic() - start
+    if proc.returncode != 0 or "step_1" not in marks:
+        sys.stdout.write(log_path.read_text()[-4000:])
+        raise SystemExit(f"training exited with {proc.returncode} before step 1 ended; log: {log_path}")
+    startup = marks.get("training_starts", float("nan"))
+    return {"warmup_s": round(marks["step_1"], 1), "startup_s": round(startup, 1),
+            "step_1_s": round(marks["step_1"] - startup, 1), "cache_mib": cache_sizes(cache_dir)}  # fmt: skip
+
+
+def cache_sizes(cache_dir: Path) -> dict[str, float]:
+    """MiB per cache subfolder (triton, inductor): what a run added shows which cache it filled."""
+    sizes = {}
+    for sub in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
+        sizes[sub.name] = round(sum(f.stat().st_size for f in sub.rglob("*") if f.is_file()) / 2**20, 1)
+    return sizes
+
+
+def empty_cache_dir(path: Path | None) -> Path:
+    """The given folder (absent or empty, else the cold run would not be cold), or a temporary one."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix="titan_hybrid_cache_"))
+    if path.exists() and any(path.iterdir()):
+        raise SystemExit(f"--cache-dir {path} is not empty: the first run must start cold")
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="kept after the runs (default: a temp folder)")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "warm_start.jsonl")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]  # after '--': run_train.sh overrides
+
+    label = args.label or Path(args.config).stem
+    cache_dir = empty_cache_dir(args.cache_dir)
+    try:
+        runs = {kind: timed_run(args.config, overrides, cache_dir, args.out.parent / f"{label}_{kind}.log")
+                for kind in ("cold", "warm")}  # fmt: skip
+    finally:
+        if args.cache_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    result = {"label": label, "config": args.config, "overrides": overrides, **runs, **environment(),
+              "ngpu": int(os.environ.get("NGPU", "0")) or None}  # fmt: skip
+    for kind, run in runs.items():
+        print(f"{label} {kind}: step 1 ends {run['warmup_s']:.1f} s after launch (start-up {run['startup_s']:.1f} s, "
+              f"step 1 {run['step_1_s']:.1f} s); cache MiB {run['cache_mib']}")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,14 @@
 """GPU check: fla's kernels against the CPU PyTorch paths, same inputs (and same model weights).
 
-Training kernels: for each sequence mixer (gla, gated_delta, gdn2, gdn2_kla; gla_compiled is GLA under
-``torch.compile(fullgraph=True)``, which fails if the kernels break the graph), kernel input dtype
+Training kernels: for each sequence mixer (gla, gated_delta, gdn2, gdn2_kla), kernel input dtype
 (log decays stay fp32, as the layers pass them) and with/without packed
 documents (``resets`` -> fla ``cu_seqlens``), runs the op on CUDA and on CPU in
 fp32 and reports the relative error ||gpu - cpu|| / ||cpu|| of the output and
 of every input gradient; then the hybrid model's logits per layer pattern
-(bf16 autocast or fp32 on GPU vs fp32 on CPU, forward only).
+(bf16 autocast or fp32 on GPU vs fp32 on CPU, forward only). A ``*_compiled`` mixer runs the op
+(fla's kernels as ``torch.library`` custom ops) under ``torch.compile(fullgraph=True)``, which fails
+if anything breaks the graph, and also reports its errors against fla's own public function (its
+autograd Function, eager) on the same GPU inputs, as ``o_fla``, ``dq_fla``, ...: the same kernels.
 
 Decoding kernels (``decode`` cases): the chunk kernel's prefill with its final state, then
 fla's ``fused_recurrent_*`` kernels one token at a time, against the CPU paths (outputs and final
@@ -35,11 +37,21 @@ import fla
 import torch
 import torch.nn.functional as F
 import triton
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
+from fla.ops.gla import chunk_gla as fla_chunk_gla
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
 from titan_hybrid.generate import DecodeStep
+from titan_hybrid.ops.common import call_fla
 from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from titan_hybrid.ops.gdn2 import chunk_gdn2, chunk_gdn2_kla, fused_recurrent_gdn2, fused_recurrent_gdn2_kla
+from titan_hybrid.ops.gdn2 import (
+    chunk_gdn2,
+    chunk_gdn2_kla,
+    fused_recurrent_gdn2,
+    fused_recurrent_gdn2_kla,
+    kaczmarz_gates,
+)
 from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
@@ -74,11 +86,26 @@ def _inputs(mixer: str, B: int, T: int, H: int, K: int, V: int, gen: torch.Gener
 # The delta-rule layers L2-normalise q and k, so the ops run that way here too.
 OPS: dict[str, Callable[..., torch.Tensor]] = {
     "gla": chunk_gla,
-    # The GLA kernels are torch.library custom ops: the whole call compiles as one graph.
-    "gla_compiled": chunk_gla,
     "gated_delta": functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True),
     "gdn2": functools.partial(chunk_gdn2, use_qk_l2norm=True),
     "gdn2_kla": chunk_gdn2_kla,
+}
+# fla's kernels are torch.library custom ops: each training call compiles as one graph.
+OPS |= {f"{mixer}_compiled": op for mixer, op in OPS.items()}
+
+
+def _fla_kla(*x: torch.Tensor, resets: torch.Tensor | None = None) -> torch.Tensor:
+    """``chunk_gdn2_kla`` through fla's public ``chunk_gdn2``."""
+    q, k, v, g, b, w, eta = x
+    return call_fla(fla_chunk_gdn2, q, k, v, g, *kaczmarz_gates(k, b, w, eta), resets=resets)
+
+
+# fla's public functions (their own autograd Functions, kept out of torch.compile) on the same inputs.
+FLA_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "gla": functools.partial(call_fla, fla_chunk_gla),
+    "gated_delta": functools.partial(call_fla, fla_chunk_gated_delta_rule, use_qk_l2norm_in_kernel=True),
+    "gdn2": functools.partial(call_fla, fla_chunk_gdn2, use_qk_l2norm_in_kernel=True),
+    "gdn2_kla": _fla_kla,
 }
 
 
@@ -104,8 +131,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, with_resets: bool) -> dict:
+    base = mixer.removesuffix("_compiled")
     gen = torch.Generator().manual_seed(B * T + H)
-    inputs = _inputs(mixer.removesuffix("_compiled"), B, T, H, K, V, gen)
+    inputs = _inputs(base, B, T, H, K, V, gen)
     do = torch.randn(B, T, H, V, generator=gen)
     resets = None
     if with_resets:
@@ -115,17 +143,27 @@ def op_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dty
     cpu_in = {n: x.clone().requires_grad_() for n, x in inputs.items()}
     o_cpu = op(*cpu_in.values(), resets=resets)
     (o_cpu * do).sum().backward()
-    gpu_in = {n: x.to("cuda", torch.float32 if n in FP32_INPUTS else dtype).requires_grad_() for n, x in inputs.items()}
-    gpu_op = torch.compile(op, fullgraph=True) if mixer.endswith("_compiled") else op
-    o_gpu = gpu_op(*gpu_in.values(), resets=None if resets is None else resets.cuda())
-    errs: dict[str, float | str] = {"o": rel_err(o_gpu, o_cpu)}
+
+    def on_gpu(op: Callable[..., torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x = {n: t.to("cuda", torch.float32 if n in FP32_INPUTS else dtype).requires_grad_() for n, t in inputs.items()}
+        return x, op(*x.values(), resets=None if resets is None else resets.cuda())
+
+    compiled = mixer != base
+    if compiled:
+        torch._dynamo.reset()  # past its recompile limit Dynamo would quietly run the op eagerly
+    gpu_in, o_gpu = on_gpu(torch.compile(op, fullgraph=True) if compiled else op)
+    # What the GPU run is compared with: the CPU path, and for a compiled op fla's own function.
+    refs = {"": (cpu_in, o_cpu)} | ({"_fla": on_gpu(FLA_OPS[base])} if compiled else {})
+    errs: dict[str, float | str] = {f"o{suffix}": rel_err(o_gpu, o) for suffix, (_, o) in refs.items()}
+    gpu_outputs = [o_gpu] + [out for suffix, (_, out) in refs.items() if suffix]  # the CPU backward ran above
     try:
-        (o_gpu.float() * do.cuda()).sum().backward()
+        for o in gpu_outputs:
+            (o.float() * do.cuda()).sum().backward()
     except RuntimeError as e:
         if "#640" not in str(e):
             raise
-        return errs | {f"d{n}": REFUSED for n in inputs}
-    return errs | {f"d{n}": rel_err(gpu_in[n].grad, cpu_in[n].grad) for n in inputs}
+        return errs | {f"d{n}{suffix}": REFUSED for suffix in refs for n in inputs}
+    return errs | {f"d{n}{suffix}": rel_err(gpu_in[n].grad, x[n].grad) for suffix, (x, _) in refs.items() for n in x}
 
 
 def decode_case(mixer: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, with_resets: bool) -> dict:
@@ -220,7 +258,9 @@ def main() -> int:
                         help="patterns whose model prefill + CUDA-graph decoding to compare (none: skip)")
     parser.add_argument("--out", help="append one JSON line per case to this file")
     cli = parser.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        sys.exit("bench.mixer_parity compares fla's CUDA kernels with the CPU paths: it needs a CUDA GPU, "
+                 "and torch.cuda.is_available() is False here")  # fmt: skip
     env = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -7,7 +7,10 @@ All mixers here are special cases of one matrix-state recurrence per head
 
 GLA has no erase term (b = 0, w = 1), Gated DeltaNet has a per-head decay and
 b = w = beta, GDN-2 has per-channel b and w. One chunked implementation serves
-all of them on CPU; on CUDA each op calls its fla kernel through ``call_fla``.
+all of them on CPU. On CUDA, training runs fla's chunk forward / backward functions
+as ``torch.library`` custom ops (``fla_layout`` and ``fla_qk_l2norm*`` here are their
+shared plumbing), so torch.compile keeps a block in one graph; inference with a final
+state calls fla's public functions through ``call_fla``.
 
 Inference (``titan_hybrid.generate``) uses the same recurrence two more ways, as
 fla does: the chunked form returning each row's final state (the prompt's
@@ -27,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # fla (and the Triton it imports) may be absent on CPU-only installs.
+    from fla.modules.l2norm import l2norm_bwd as _fla_l2norm_bwd
+    from fla.modules.l2norm import l2norm_fwd as _fla_l2norm_fwd
+    from fla.ops.utils import prepare_chunk_indices
     from fla.utils import tensor_cache
 except ImportError:  # pragma: no cover - exercised only without fla installed
 
@@ -35,6 +41,8 @@ except ImportError:  # pragma: no cover - exercised only without fla installed
 
 # fla's in-kernel l2norm: x / sqrt(sum(x^2) + eps) (eps inside the root, unlike F.normalize).
 L2NORM_EPS = 1e-6
+# fla's chunk length for the gated delta rule (its default) and GDN-2 (the only one it takes).
+FLA_DELTA_CHUNK = 64
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +197,59 @@ def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list
         return list(tensors), None
     B, T = tensors[0].shape[:2]
     return [x.reshape(1, B * T, *x.shape[2:]) for x in tensors], resets_to_cu_seqlens(resets)
+
+
+def unpack_rows(rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``pack_rows`` undone: ``[1, B*T, ...]`` (or already ``[B, T, ...]``) tensors back to the rows of ``rows``."""
+    B, T = rows.shape[:2]
+    return [x.reshape(B, T, *x.shape[2:]) for x in tensors]
+
+
+def fla_layout(
+    resets: torch.Tensor | None, chunk_size: int, *tensors: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """``pack_rows``' layout made contiguous (what fla's ``input_guard`` does), its ``cu_seqlens``,
+    and the varlen chunk indices that fla's autograd Functions prepare for ``chunk_size``."""
+    flat, cu_seqlens = pack_rows(resets, *tensors)
+    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    return [t.contiguous() for t in flat], cu_seqlens, chunk_indices
+
+
+def qk_norm_placeholders(q: torch.Tensor) -> list[torch.Tensor]:
+    """Four empty stand-ins for ``fla_qk_l2norm``'s saved tensors when it is off: a custom op
+    returns neither None nor one of its inputs."""
+    return [q.new_empty(0) for _ in range(4)]
+
+
+def fla_qk_l2norm(
+    q: torch.Tensor, k: torch.Tensor, enabled: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """fla's ``use_qk_l2norm_in_kernel`` forward (its Triton ``l2norm_fwd``, per row, so on any layout):
+    the q and k the kernels take, and what the backward needs, ``[q, k, q_rstd, k_rstd]`` (the
+    normalised q, k and their fp32 ``[B, T, H]`` reciprocal norms), or placeholders when off."""
+    if not enabled:
+        return q, k, qk_norm_placeholders(q)
+    (q, q_rstd), (k, k_rstd) = _fla_l2norm_fwd(q.contiguous()), _fla_l2norm_fwd(k.contiguous())
+    return q, k, [q, k, q_rstd, k_rstd]
+
+
+def fla_qk_l2norm_fake(q: torch.Tensor, k: torch.Tensor, enabled: bool) -> list[torch.Tensor]:
+    """``fla_qk_l2norm``'s saved tensors, as fake (meta) tensors."""
+    if not enabled:
+        return qk_norm_placeholders(q)
+    rstd = [x.new_empty(x.shape[:-1], dtype=torch.float) for x in (q, k)]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), *rstd]
+
+
+def fla_qk_l2norm_bwd(
+    q: torch.Tensor, k: torch.Tensor, q_rstd: torch.Tensor, k_rstd: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+    enabled: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradients of the raw q, k from those of the normalised ones (fla's ``l2norm_bwd``); ``q``,
+    ``k``, ``dq``, ``dk`` contiguous in one layout (``pack_rows`` keeps every row's memory order)."""
+    if not enabled:
+        return dq, dk
+    return _fla_l2norm_bwd(q, q_rstd.contiguous(), dq), _fla_l2norm_bwd(k, k_rstd.contiguous(), dk)
 
 
 @torch.compiler.disable

@@ -16,11 +16,26 @@ import os
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, l2norm, recurrent_step_torch
+from titan_hybrid.ops.common import (
+    FLA_DELTA_CHUNK,
+    call_fla,
+    call_fla_step,
+    chunk_recurrence_torch,
+    fla_layout,
+    fla_qk_l2norm,
+    fla_qk_l2norm_bwd,
+    fla_qk_l2norm_fake,
+    l2norm,
+    recurrent_step_torch,
+    unpack_rows,
+)
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd as _fla_gdr_bwd
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd as _fla_gdr_fwd
+    from fla.utils import custom_device_ctx
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gated_delta_rule = None
 
@@ -68,10 +83,13 @@ def chunk_gated_delta_rule(
     On Hopper GPUs call ``require_exact_gated_delta_backward`` before training.
     """
     if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
-        return call_fla(
-            _fla_chunk_gated_delta_rule, q, k, v, g, beta,
-            resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm, output_final_state=output_final_state,
-        )  # fmt: skip
+        if output_final_state:
+            return call_fla(
+                _fla_chunk_gated_delta_rule, q, k, v, g, beta,
+                resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm, output_final_state=True,
+            )  # fmt: skip
+        scale = k.shape[-1] ** -0.5 if scale is None else scale
+        return fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, resets, use_qk_l2norm)[0]
     return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state
     )
@@ -99,17 +117,115 @@ def fused_recurrent_gated_delta_rule(
     return recurrent_step_torch(q, k, v, g.unsqueeze(-1), state, b=beta, w=beta, scale=scale)
 
 
+# fla's gated-delta-rule kernels as torch.library custom ops (see ``titan_hybrid.ops.gla``): the
+# forward / backward split of fla's ChunkGatedDeltaRuleFunction, with its chunk length (64), its
+# in-kernel q/k l2norm and what it saves: the normalised q, k and their rstd, g's chunk cumsum
+# (fp32, log2) and the solved WY matrix A; the states h are recomputed in the backward. This runs
+# fla's Triton chain (still dispatching its sub-kernels, e.g. chunk_bwd_dqkwg to TileLang); the
+# public function's FlashQLA backend (only with the flash_qla package, K = V = 128, 16-bit) is not used.
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gated_delta_rule", mutates_args=(), device_types="cuda")
+def fla_chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    resets: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fla's chunk gated-delta-rule forward: ``(o, q, k, q_rstd, k_rstd, g_cumsum, A)``; all but ``o``
+    are saved for the backward (the first four from ``fla_qk_l2norm``)."""
+    rows = v
+    with custom_device_ctx(q.device.index):
+        q, k, qk_norm = fla_qk_l2norm(q, k, use_qk_l2norm)
+        (q, k, v, g, beta), cu_seqlens, chunk_indices = fla_layout(resets, FLA_DELTA_CHUNK, q, k, v, g, beta)
+        g_cumsum, o, A, _, _, _ = _fla_gdr_fwd(
+            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
+        )  # fmt: skip
+    o, g_cumsum, A = unpack_rows(rows, o.to(q.dtype), g_cumsum.float(), A)
+    return o, *qk_norm, g_cumsum, A
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
+def fla_chunk_gated_delta_rule_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cumsum: torch.Tensor,
+    beta: torch.Tensor,
+    A: torch.Tensor,
+    q_rstd: torch.Tensor,
+    k_rstd: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    resets: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dg, dbeta)`` of ``fla_chunk_gated_delta_rule``'s ``o``, dg in fp32; q, k as it
+    saved them (normalised with ``use_qk_l2norm``), dq, dk for the raw ones."""
+    inputs = (q, k, v, g_cumsum, beta)
+    (q, k, v, g_cumsum, beta, A, do), cu_seqlens, chunk_indices = fla_layout(
+        resets, FLA_DELTA_CHUNK, q, k, v, g_cumsum, beta, A, do
+    )
+    with custom_device_ctx(q.device.index):
+        dq, dk, dv, dbeta, dg, _, _, _ = _fla_gdr_bwd(
+            q=q, k=k, v=v, g=g_cumsum, beta=beta, A=A, scale=scale, initial_state=None, do=do, dht=None,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
+        )  # fmt: skip
+        dq, dk = fla_qk_l2norm_bwd(q, k, q_rstd, k_rstd, dq, dk, use_qk_l2norm)
+    grads = [d.to(x.dtype) for d, x in zip((dq, dk, dv, dg, dbeta), inputs)]
+    return tuple(unpack_rows(inputs[0], *grads))
+
+
+@fla_chunk_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, scale, resets, use_qk_l2norm):
+    o = v.new_empty(v.shape, dtype=q.dtype)
+    A = k.new_empty(*beta.shape, FLA_DELTA_CHUNK)
+    return o, *fla_qk_l2norm_fake(q, k, use_qk_l2norm), g.new_empty(g.shape, dtype=torch.float), A
+
+
+@fla_chunk_gated_delta_rule_bwd.register_fake
+def _(q, k, v, g_cumsum, beta, A, q_rstd, k_rstd, do, scale, resets, use_qk_l2norm):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g_cumsum, beta))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, scale, resets, use_qk_l2norm = inputs
+    _, q_norm, k_norm, q_rstd, k_rstd, g_cumsum, A = output
+    if use_qk_l2norm:
+        q, k = q_norm, k_norm
+    ctx.save_for_backward(q, k, v, g_cumsum, beta, A, q_rstd, k_rstd, resets)
+    ctx.scale, ctx.use_qk_l2norm, ctx.g_dtype = scale, use_qk_l2norm, g.dtype
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, do, *_):
+    q, k, v, g_cumsum, beta, A, q_rstd, k_rstd, resets = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta = fla_chunk_gated_delta_rule_bwd(
+        q, k, v, g_cumsum, beta, A, q_rstd, k_rstd, do, ctx.scale, resets, ctx.use_qk_l2norm
+    )
+    return dq, dk, dv, dg.to(ctx.g_dtype), dbeta, None, None, None
+
+
+fla_chunk_gated_delta_rule.register_autograd(_backward, setup_context=_setup_context)
+
+
 def require_exact_gated_delta_backward() -> None:
     """Raise now if fla's gated-delta-rule backward would be refused (or wrong) on this machine.
 
     With Triton >= 3.4 and < 3.7.1 on Hopper, fla's Triton ``chunk_bwd_dqkwg``
     computes wrong gradients (fla issue #640); fla raises only inside the first
-    backward, after model setup and the forward pass. fla routes that kernel to
-    its TileLang backend instead when TileLang is usable (package installed,
+    backward (``fla_chunk_gated_delta_rule_bwd`` reaches that kernel through fla's
+    own dispatch), after model setup and the forward pass. fla routes that kernel
+    to its TileLang backend instead when TileLang is usable (package installed,
     nvcc found, not disabled by ``FLA_TILELANG=0`` or backend dispatch turned
-    off). fla's FlashQLA backend would also avoid it, but only for K = V = 128
-    in 16-bit, so it is not counted as a way out here. GDN-2's backward uses
-    its own kernels, not ``chunk_bwd_dqkwg``, and needs no such check.
+    off). fla's FlashQLA backend belongs to its public function, which training
+    no longer calls, so it is no way out here. GDN-2's backward uses its own
+    kernels, not ``chunk_bwd_dqkwg``, and needs no such check.
     """
     if _fla_chunk_gated_delta_rule is None:
         return

@@ -16,13 +16,31 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, l2norm, recurrent_step_torch
+from titan_hybrid.ops.common import (
+    FLA_DELTA_CHUNK,
+    call_fla,
+    call_fla_step,
+    chunk_recurrence_torch,
+    fla_layout,
+    fla_qk_l2norm,
+    fla_qk_l2norm_bwd,
+    fla_qk_l2norm_fake,
+    l2norm,
+    recurrent_step_torch,
+    unpack_rows,
+)
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gdn2 import chunk_gdn2 as _fla_chunk_gdn2
     from fla.ops.gdn2 import fused_recurrent_gdn2 as _fla_fused_recurrent_gdn2
+    from fla.ops.gdn2.chunk_bwd import chunk_gdn2_bwd as _fla_gdn2_bwd
+    from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd as _fla_gdn2_fwd
+    from fla.utils import custom_device_ctx
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gdn2 = None
+
+# The largest key head dim of fla's GDN-2 kernels (its public function asserts it).
+FLA_GDN2_MAX_K = 256
 
 
 def chunk_gdn2_torch(
@@ -61,13 +79,119 @@ def chunk_gdn2(
     """GDN-2 forward on the best backend for the tensors' device (and, with
     ``output_final_state``, each row's final fp32 state ``[B, H, K, V]``)."""
     if q.is_cuda and _fla_chunk_gdn2 is not None:
-        return call_fla(
-            _fla_chunk_gdn2, q, k, v, g, b, w, resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
-            output_final_state=output_final_state,
-        )  # fmt: skip
+        if output_final_state:
+            return call_fla(
+                _fla_chunk_gdn2, q, k, v, g, b, w, resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+                output_final_state=True,
+            )  # fmt: skip
+        scale = k.shape[-1] ** -0.5 if scale is None else scale
+        return fla_chunk_gdn2(q, k, v, g, b, w, scale, resets, use_qk_l2norm)[0]
     return chunk_gdn2_torch(
         q, k, v, g, b, w, scale=scale, resets=resets, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state
     )
+
+
+# fla's GDN-2 kernels as torch.library custom ops (see ``titan_hybrid.ops.gla``): the forward /
+# backward split of fla's ChunkGDN2Function with its defaults (chunk length 64, no in-kernel gate,
+# no safe gate, intermediates recomputed in the backward) and what it then saves: the (in-kernel
+# l2-normalised) q, k and their rstd, g's chunk cumsum (fp32, log2), and the intra-chunk matrices
+# Aqk and Akk (the inverted WY matrix).
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gdn2", mutates_args=(), device_types="cuda")
+def fla_chunk_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    resets: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """fla's chunk GDN-2 forward: ``(o, q, k, q_rstd, k_rstd, g_cumsum, Aqk, Akk)``; all but ``o`` are
+    saved for the backward (the first four from ``fla_qk_l2norm``)."""
+    if k.shape[-1] > FLA_GDN2_MAX_K:
+        raise ValueError(f"fla's GDN-2 kernels take key head dims <= {FLA_GDN2_MAX_K}, got {k.shape[-1]}")
+    rows = v
+    with custom_device_ctx(q.device.index):
+        q, k, qk_norm = fla_qk_l2norm(q, k, use_qk_l2norm)
+        (q, k, v, g, b, w), cu_seqlens, chunk_indices = fla_layout(resets, FLA_DELTA_CHUNK, q, k, v, g, b, w)
+        o, _, g_cumsum, Aqk, Akk, *_ = _fla_gdn2_fwd(
+            q=q, k=k, v=v, g=g, b=b, w_gate=w, scale=scale, initial_state=None, output_final_state=False,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
+        )  # fmt: skip
+    o, g_cumsum, Aqk, Akk = unpack_rows(rows, o.type_as(q), g_cumsum.float(), Aqk, Akk)
+    return o, *qk_norm, g_cumsum, Aqk, Akk
+
+
+@torch.library.custom_op("titan_hybrid::fla_chunk_gdn2_bwd", mutates_args=(), device_types="cuda")
+def fla_chunk_gdn2_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cumsum: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    Aqk: torch.Tensor,
+    Akk: torch.Tensor,
+    q_rstd: torch.Tensor,
+    k_rstd: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    resets: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dg, db, dw)`` of ``fla_chunk_gdn2``'s ``o``, dg in fp32; q, k as it saved them
+    (normalised with ``use_qk_l2norm``), dq, dk for the raw ones."""
+    inputs = (q, k, v, g_cumsum, b, w)
+    (q, k, v, g_cumsum, b, w, Aqk, Akk, do), cu_seqlens, chunk_indices = fla_layout(
+        resets, FLA_DELTA_CHUNK, q, k, v, g_cumsum, b, w, Aqk, Akk, do
+    )
+    with custom_device_ctx(q.device.index):
+        dq, dk, dv, db, dw, dg, _, _, _ = _fla_gdn2_bwd(
+            q=q, k=k, v=v, b=b, w_gate=w, Aqk=Aqk, Akk=Akk, scale=scale, initial_state=None, do=do, dht=None,
+            g=g_cumsum, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
+        )  # fmt: skip
+        dq, dk = fla_qk_l2norm_bwd(q, k, q_rstd, k_rstd, dq, dk, use_qk_l2norm)
+    grads = [d.to(x.dtype) for d, x in zip((dq, dk, dv, dg, db, dw), inputs)]
+    return tuple(unpack_rows(inputs[0], *grads))
+
+
+@fla_chunk_gdn2.register_fake
+def _(q, k, v, g, b, w, scale, resets, use_qk_l2norm):
+    o = v.new_empty(v.shape, dtype=q.dtype)
+    Aqk, Akk = (k.new_empty(*k.shape[:3], FLA_DELTA_CHUNK) for _ in range(2))
+    return o, *fla_qk_l2norm_fake(q, k, use_qk_l2norm), g.new_empty(g.shape, dtype=torch.float), Aqk, Akk
+
+
+@fla_chunk_gdn2_bwd.register_fake
+def _(q, k, v, g_cumsum, b, w, Aqk, Akk, q_rstd, k_rstd, do, scale, resets, use_qk_l2norm):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g_cumsum, b, w))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, b, w, scale, resets, use_qk_l2norm = inputs
+    _, q_norm, k_norm, q_rstd, k_rstd, g_cumsum, Aqk, Akk = output
+    if use_qk_l2norm:
+        q, k = q_norm, k_norm
+    ctx.save_for_backward(q, k, v, g_cumsum, b, w, Aqk, Akk, q_rstd, k_rstd, resets)
+    ctx.scale, ctx.use_qk_l2norm, ctx.g_dtype = scale, use_qk_l2norm, g.dtype
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, do, *_):
+    q, k, v, g_cumsum, b, w, Aqk, Akk, q_rstd, k_rstd, resets = ctx.saved_tensors
+    dq, dk, dv, dg, db, dw = fla_chunk_gdn2_bwd(
+        q, k, v, g_cumsum, b, w, Aqk, Akk, q_rstd, k_rstd, do, ctx.scale, resets, ctx.use_qk_l2norm
+    )
+    return dq, dk, dv, dg.to(ctx.g_dtype), db, dw, None, None, None
+
+
+fla_chunk_gdn2.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_recurrent_gdn2(

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, pack_rows, recurrent_step_torch
+from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, fla_layout, recurrent_step_torch
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gla import chunk_gla as _fla_chunk_gla
     from fla.ops.gla import fused_recurrent_gla as _fla_fused_recurrent_gla
     from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
     from fla.ops.gla.chunk import chunk_gla_fwd as _fla_gla_fwd
-    from fla.ops.utils import prepare_chunk_indices
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_gla_fwd = None
 
@@ -88,11 +87,10 @@ def _chunk_size(T: int) -> int:
 
 
 def _fla_layout(resets: torch.Tensor | None, *tensors: torch.Tensor):
-    """``pack_rows``' layout, contiguous, with fla's chunk size and (varlen) chunk indices."""
-    flat, cu_seqlens = pack_rows(resets, *tensors)
-    chunk_size = _chunk_size(flat[0].shape[1])
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
-    return [t.contiguous() for t in flat], cu_seqlens, chunk_indices, chunk_size
+    """``fla_layout`` with ChunkGLAFunction's chunk size for the packed length, and that size."""
+    B, T = tensors[0].shape[:2]
+    chunk_size = _chunk_size(T if resets is None else B * T)
+    return *fla_layout(resets, chunk_size, *tensors), chunk_size
 
 
 @torch.library.custom_op("titan_hybrid::fla_chunk_gla", mutates_args=(), device_types="cuda")

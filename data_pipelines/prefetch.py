@@ -76,7 +76,10 @@ class ProcessPrefetcher(BaseNode[T]):
             target=_produce,
             args=(self.build, initial, self._queue, self._stop, os.getpid()),
             name="titan_hybrid-data",
-            daemon=True,
+            # Not a daemon: a daemonic process may not start children, and with
+            # worker_method = "process" the child's tokenizer workers are its children. Exits are
+            # covered without it: _stop_children at exit, and the child stops once its parent dies.
+            daemon=False,
         )
         self._process.start()
         _RUNNING.add(self)

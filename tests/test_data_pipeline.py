@@ -117,12 +117,16 @@ def test_two_ranks_get_different_batches():
 
 
 def test_num_workers_does_not_change_a_ranks_stream():
+    """Nor where they run: tokenizer processes inside the loader process too (its children)."""
     data = fixture_data()
     streams = {
-        (n, method): take(iter(loader(replace(data, num_workers=n, worker_method=method), 1, 2)), 6)
-        for n, method in [(0, "thread"), (1, "thread"), (2, "thread"), (2, "process")]
-    }
-    ref = streams[(0, "thread")]
+        (n, method, where): take(iter(loader(replace(data, num_workers=n, worker_method=method, loader=where), 1, 2)), 6)
+        for n, method, where in [
+            (0, "thread", "thread"), (1, "thread", "thread"), (2, "thread", "thread"), (2, "process", "thread"),
+            (1, "process", "process"),
+        ]
+    }  # fmt: skip
+    ref = streams[(0, "thread", "thread")]
     for stream in streams.values():
         assert_same(stream, ref)
 

@@ -21,10 +21,11 @@ from titan_hybrid.models.hybrid import HybridLM, HybridModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "assets" / "tokenizer" / "starcoder2_think"
-# Every mixer letter, GQA, and each attention option (sink, partial RoPE, sliding window).
+# Every mixer letter, GQA, each attention option (sink, partial RoPE, sliding window, XSA, score
+# soft-cap), depth-scaled norms and depth recurrence (blocks 1..2 twice).
 ARGS = HybridModelArgs(
     dim=32, n_layers=5, pattern="gAd2k", n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=128,
-    attn_sink=True, rope_dims=8, attn_window=5,
+    attn_sink=True, rope_dims=8, attn_window=5, xsa=True, attn_softcap=4.0, ln_scale=True, recur_layers=[1, 2],
 )  # fmt: skip
 
 

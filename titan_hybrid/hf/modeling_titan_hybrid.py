@@ -53,9 +53,11 @@ class TitanHybridForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """After ``from_pretrained`` only the RoPE table, a non-persistent buffer, is left to compute."""
+        """After ``from_pretrained`` only the non-persistent buffers (the RoPE table, the depth
+        scales of ``ln_scale``) are left to compute."""
         if isinstance(module, HybridLM):
             init.copy_(module.rope, module._rope(device=module.rope.device))
+            init.copy_(module.ln_scales, module._ln_scales(device=module.ln_scales.device))
 
     def forward(
         self,

@@ -12,6 +12,7 @@ import pytest
 
 from _train_runs import ROOT, STEPS, records, train, train_until_killed
 from titan_hybrid.checkpoint import COMPLETE_MARKER
+from titan_hybrid.export import load_checkpoint_model
 
 pytestmark = pytest.mark.distributed
 
@@ -83,3 +84,10 @@ def test_a_run_resumed_after_the_switch_resumes_with_it_on(reference, tmp_path):
     assert "depth recurrence on from step 16:" in log
     got = records(dump)
     assert [got[s]["loss"] for s in range(16, STEPS + 1)] == [want[s]["loss"] for s in range(16, STEPS + 1)]
+
+
+def test_its_checkpoints_load_for_inference_as_they_ran(reference):
+    """Export, generate and evaluate load a checkpoint with recurrence on exactly when training had it."""
+    folder = reference[0] / "checkpoint"
+    assert not load_checkpoint_model(str(folder / "step-10")).recurrence_on
+    assert load_checkpoint_model(str(folder / "step-15")).recurrence_on

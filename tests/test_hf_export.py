@@ -109,8 +109,18 @@ def test_padding_and_labels(hf_model, ours):
             hf_model(input_ids=x, attention_mask=torch.cat([ones[:, :10], zeros, ones[:, :9]], 1))
 
 
-def test_generate_greedy_equals_our_argmax_loop(hf_model, ours):
-    """``generate`` without a cache: every step reruns the sequence; a left-padded batch of
+def _left_padded(prompts: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_greedy_equals_our_argmax_loop(hf_model, ours, use_cache):
+    """``generate`` with the decoding state (prefill, then one token per step through
+    ``decode_step``) and without it (every step reruns the sequence): a left-padded batch of
     prompts of different lengths continues each prompt as it would alone."""
     prompts = [tokens(1, 6, seed=2)[0], tokens(1, 3, seed=3)[0]]
     expected = []
@@ -120,12 +130,29 @@ def test_generate_greedy_equals_our_argmax_loop(hf_model, ours):
             for _ in range(4):
                 seq = torch.cat([seq, ours(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
             expected.append(seq[0, len(prompt) :])
-        ids = torch.zeros(2, 6, dtype=torch.long)
-        mask = torch.zeros(2, 6, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, 6 - len(prompt) :], mask[row, 6 - len(prompt) :] = prompt, 1
-        out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ids, mask = _left_padded(prompts, 6)
+        out = hf_model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache
+        )
     assert torch.equal(out[:, 6:], torch.stack(expected))
+
+
+def test_cached_generate_returns_the_state_and_matches_in_beam_search(hf_model):
+    ids, mask = _left_padded([tokens(1, 5, seed=4)[0], tokens(1, 2, seed=5)[0]], 5)
+    beams = dict(num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = hf_model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **beams)
+        recomputed = hf_model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **beams)
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(cached, recomputed)
+    assert out.cache.positions.tolist() == [5 + 2, 2 + 2]  # prompt + 3 new tokens, the last not yet fed
+
+
+def test_cached_generate_refuses_right_padding(hf_model):
+    ids, mask = _left_padded([tokens(1, 4, seed=6)[0], tokens(1, 2, seed=7)[0]], 4)
+    with pytest.raises(ValueError, match="left-padded"):
+        hf_model(input_ids=ids.flip(1), attention_mask=mask.flip(1), use_cache=True)
 
 
 def test_lm_eval_loglikelihoods_equal_ours(exported, ours, tmp_path):

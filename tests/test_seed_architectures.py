@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from titan_hybrid.export import args_at_step
 from titan_hybrid.models.hybrid import HybridLM, ModelConfigError, hybrid_flavors
-from titan_hybrid.models.hybrid.attention import Attention, attention_mask, exclusive_self_attention, flex_block_mask, rope_cache
+from titan_hybrid.models.hybrid.attention import (
+    Attention,
+    attention_mask,
+    exclusive_self_attention,
+    flex_block_mask,
+    rope_cache,
+)
 
 SMALL = hybrid_flavors["debug"].replace(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=64)
 T = 24
@@ -144,8 +150,8 @@ def test_recurrence_flops_count_the_segment_twice():
 
 def test_a_checkpoint_loads_as_it_ran_at_its_step():
     args = SMALL.replace(n_layers=4, pattern="gAgA", recur_layers=[1, 2], recur_start=0.5)
-    marker = {"model": {"args": {k: getattr(args, k) for k in ("dim", "n_layers", "pattern", "n_heads",
-              "n_kv_heads", "ffn_dim", "vocab_size", "recur_layers", "recur_start")}}, "training_steps": 20}  # fmt: skip
+    names = ("dim", "n_layers", "pattern", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "recur_layers", "recur_start")
+    marker = {"model": {"args": {k: getattr(args, k) for k in names}}, "training_steps": 20}
     before, after = args_at_step({**marker, "step": 10}), args_at_step({**marker, "step": 11})
     assert not HybridLM(before).recurrence_on and before.recur_layers == []
     assert HybridLM(after).recurrence_on and after.recur_layers == [1, 2]

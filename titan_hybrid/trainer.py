@@ -102,13 +102,12 @@ class HybridTrainer(Trainer):
                 "training_steps": job_config.training.steps,  # when depth recurrence switches on
             },
         )
-        self.depth_recurrence = (
-            DepthRecurrence(
-                self.model_args, self.model_parts, self.metrics_processor, job_config.training.seq_len, job_config.training.steps
+        self.depth_recurrence = None
+        if self.model_args.recur_layers:
+            training = job_config.training
+            self.depth_recurrence = DepthRecurrence(
+                self.model_args, self.model_parts, self.metrics_processor, training.seq_len, training.steps
             )
-            if self.model_args.recur_layers
-            else None
-        )
         self._record_path = None
         if self.resilience.step_record:
             folder = os.path.join(job_config.job.dump_folder, "step_record")

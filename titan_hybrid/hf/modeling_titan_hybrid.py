@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from titan_hybrid.models.hybrid import HybridLM
+from titan_hybrid.models.hybrid.decode_state import DecodeState
 
 from .configuration_titan_hybrid import TitanHybridConfig
 
@@ -65,13 +66,20 @@ class TitanHybridForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cache: DecodeState | None = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits of the whole sequence; with ``labels`` (unshifted, -100 = ignored) also the mean
-        next-token loss. There is no cache yet: every call recomputes the sequence (the hook for
-        recurrent O(1) decoding is ``prepare_inputs_for_generation``). Other generation kwargs
-        (``use_cache``, ``return_dict``, ...) are accepted and ignored."""
+        next-token loss. With ``use_cache=True`` (``generate``'s default) it also returns the
+        decoding state (``cache``: recurrent states, KV caches); given that state, ``input_ids`` is
+        one new token per row and the step costs O(1) in the recurrent layers, as in
+        ``titan_hybrid.generate``. Other generation kwargs are accepted and ignored."""
+        if cache is not None:
+            return CausalLMOutputWithPast(logits=self._decode_one_token(input_ids, cache), cache=cache)
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if use_cache and labels is None:
+            return self._prefill_decode_state(input_ids, attention_mask if padded else None)
         positions = document_positions(attention_mask) if padded else None
         logits = self.model(input_ids, positions=positions)
         loss = None
@@ -79,14 +87,49 @@ class TitanHybridForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def _prefill_decode_state(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> CausalLMOutputWithPast:
+        """Run the prompts (left-padded, as ``generate`` wants them) and keep the decoding state,
+        sized for ``max_position_embeddings`` positions (or the prompt, if longer)."""
+        B, width = input_ids.shape
+        lengths = torch.full((B,), width, device=input_ids.device)
+        if attention_mask is not None:
+            lengths = attention_mask.sum(dim=1)
+            left_padded = torch.arange(width, device=input_ids.device) >= (width - lengths).unsqueeze(1)
+            if not torch.equal(attention_mask.bool(), left_padded):
+                raise ValueError("use_cache=True needs left-padded prompts (tokenizer padding_side='left')")
+        capacity = max(self.config.max_seq_len, width + 1)
+        logits, state = self.model.prefill(input_ids, lengths, capacity, all_logits=True)
+        return CausalLMOutputWithPast(logits=logits, cache=state)
+
+    def _decode_one_token(self, input_ids: torch.LongTensor, cache: DecodeState) -> torch.Tensor:
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"with a cache, input_ids is one new token per row; got {input_ids.shape[1]}")
+        if int(cache.positions.max()) >= cache.capacity:
+            raise ValueError(
+                f"the decoding state holds {cache.capacity} positions (max_position_embeddings); "
+                "generate fewer tokens, or use python -m titan_hybrid.generate, which sizes it per call"
+            )
+        return self.model.decode_step(input_ids[:, 0], cache).unsqueeze(1)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no key/value cache: HybridLM's recurrent layers need their own state
+        return False  # HybridLM keeps its own decoding state (DecodeState), not a key/value Cache
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
-        """Each decoding step feeds the whole sequence, with or without ``use_cache``."""
-        kwargs["next_sequence_length"] = None
-        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: DecodeState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The whole prompt first (or every step, with ``use_cache=False``); then, given the
+        state the prefill returned, only the newest token."""
+        if cache is not None:
+            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
 
 
 TitanHybridConfig.register_for_auto_class()

@@ -106,7 +106,8 @@ class HybridModelArgs(BaseModelArgs):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "conv_size", "kla_eps"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("rope_dims", "attn_window", "output_softcap", "attn_softcap", "delta_head_dim", "loss_chunk_tokens"):
+        off_by_zero = ("rope_dims", "attn_window", "output_softcap", "attn_softcap", "delta_head_dim", "loss_chunk_tokens")
+        for name in off_by_zero:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0 (0 = off / default), got {getattr(self, name)}")
         if self.attn_type not in ("sdpa", "flex"):

@@ -105,3 +105,13 @@ class DecodeState:
     def restore(self, snapshot: list[Tensor]) -> None:
         for t, saved in zip(self.tensors(), snapshot, strict=True):
             t.copy_(saved)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the state can hold (the RoPE table's length; the KV caches are sized to it)."""
+        return self.rope.shape[0]
+
+    def reorder_cache(self, rows: Tensor) -> None:
+        """Keep row ``rows[i]`` as row ``i`` (Hugging Face beam search calls this after each step)."""
+        for t in self.tensors():
+            t.copy_(t.index_select(0, rows.to(t.device)))

@@ -137,11 +137,15 @@ def test_recurrence_switches_on_after_the_fraction_of_steps():
     assert not any(args.replace(recur_layers=[]).recurrence_on_at(s, 20) for s in range(1, 21))
 
 
-def test_recurrence_flops_count_the_segment_twice():
-    """FLOPs with the segment run twice = those of a model that has its blocks twice (unique params aside)."""
+@pytest.mark.parametrize(
+    "pattern, segment, unrolled_pattern", [("gAdA", [1, 2], "gAdAdA"), ("gAdA", [0, 1], "gAgAdA")]
+)
+def test_recurrence_flops_count_the_segment_twice(pattern, segment, unrolled_pattern):
+    """FLOPs with the segment run twice = those of a model that has its blocks twice (unique params
+    aside); the second case's segment differs in size from the blocks after it."""
     seq = 64
-    model = _model(pattern="gAdA", recur_layers=[1, 2])
-    unrolled = _model(pattern="gAdAdA")
+    model = _model(pattern=pattern, recur_layers=segment)
+    unrolled = _model(pattern=unrolled_pattern)
     _, off = model.model_args.get_nparams_and_flops(model, seq)
     _, on = model.model_args.get_nparams_and_flops(model, seq, recurrence_on=True)
     _, want = unrolled.model_args.get_nparams_and_flops(unrolled, seq)

@@ -237,8 +237,8 @@ class HybridModelArgs(BaseModelArgs):
         """
         nparams = sum(p.numel() for p in model.parameters())
         order = self.depth_order(recurrence_on)
-        repeated = order[self.n_layers :]
-        flop_params = nparams + sum(p.numel() for i in repeated for p in model.layers[str(i)].parameters())
+        block_params = [sum(p.numel() for p in block.parameters()) for block in model.layers.values()]
+        flop_params = nparams - sum(block_params) + sum(block_params[i] for i in order)
         pattern = "".join(self.pattern[i] for i in order)
         window = min(self.attn_window or seq_len, seq_len)
         mean_keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len + self.attn_sink

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, and_masks
 from torchtitan.models.attention import (
     FlexAttentionWrapper,
     create_attention_mask,
@@ -65,18 +65,8 @@ class SoftcappedFlexAttention(FlexAttentionWrapper):
     """FlexAttention with ``cap * tanh(score / cap)`` as its score_mod.
 
     TorchTitan 0.2.2's ``FlexAttentionWrapper.forward`` takes a ``score_mod`` but does not pass it
-    on to ``flex_attention`` (the scores stay uncapped), so this compiles its own, with the
-    wrapper's options."""
-
-    _compiled_flex_attn = torch.compile(
-        flex_attention,
-        options={
-            "wrap_inductor_compiled_regions": True,
-            "max_autotune": True,
-            "coordinate_descent_tuning": True,
-            "triton.cudagraphs": False,
-        },
-    )
+    on to ``flex_attention`` (the scores stay uncapped), so this calls the wrapper's one compiled
+    ``flex_attention`` itself, with the score_mod."""
 
     def __init__(self, cap: float):
         super().__init__()
@@ -88,7 +78,7 @@ class SoftcappedFlexAttention(FlexAttentionWrapper):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask, enable_gqa: bool = False
     ) -> torch.Tensor:
-        return SoftcappedFlexAttention._compiled_flex_attn(
+        return FlexAttentionWrapper._compiled_flex_attn(
             q, k, v, score_mod=self.softcap, block_mask=block_mask, enable_gqa=enable_gqa
         )
 

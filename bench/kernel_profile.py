@@ -5,12 +5,16 @@
 Prints (1) how busy the GPU was between the step's first and last kernel, (2) the
 device time per kernel family and per kernel name, and (3) the longest idle gaps with the kernels around
 them: a GPU that waits on the host (launch overhead, the data loader, a sync) shows
-up as gaps, not as slow kernels. Run it on a step that is not the first profiled one.
+up as gaps, not as slow kernels; (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
+``nonzero``, a copy to pageable host memory), how often each ran and how long the host waited in
+CUDA's synchronising calls. Each sync drains the GPU's queue, so what the host does next shows as
+idle GPU time. Run it on a step that is not the first profiled one.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,9 +31,12 @@ class Kernel:
         return self.start_us + self.dur_us
 
 
-def read_kernels(trace_path: str) -> list[Kernel]:
+def read_events(trace_path: str) -> list[dict]:
     with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def read_kernels(events: list[dict]) -> list[Kernel]:
     kernels = [
         Kernel(e["name"], float(e["ts"]), float(e["dur"]))
         for e in events
@@ -73,12 +80,40 @@ def gaps(kernels: list[Kernel], top: int) -> list[tuple[float, Kernel, Kernel]]:
     return sorted(found, key=lambda g: -g[0])[:top]
 
 
+# CPU ops that read a GPU value on the host, and the CUDA runtime calls in which the host waits.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave", "aten::to", "aten::copy_")
+WAITING_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+
+
+def host_syncs(events: list[dict]) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Calls of each ``SYNC_OPS`` op that contain a waiting runtime call (counted once per op
+    call), and per waiting call its count and total duration (us)."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    waits = sorted(
+        (e for e in complete if e["name"] in WAITING_CALLS), key=lambda e: float(e["ts"])
+    )
+    waited: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in waits:
+        waited[e["name"]][0] += 1
+        waited[e["name"]][1] += float(e["dur"])
+    starts = [float(e["ts"]) for e in waits]
+    ops: dict[str, int] = defaultdict(int)
+    for e in complete:
+        if e.get("cat") == "cpu_op" and e["name"] in SYNC_OPS:
+            begin, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+            i = bisect.bisect_left(starts, begin)
+            if i < len(starts) and starts[i] <= end:
+                ops[e["name"]] += 1
+    return dict(ops), dict(waited)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    kernels = read_kernels(args.trace)
+    events = read_events(args.trace)
+    kernels = read_kernels(events)
     span = kernels[-1].end_us - kernels[0].start_us
     busy = busy_time_us(kernels)
     print(f"{len(kernels):,} kernels; span {span / 1e3:,.1f} ms, GPU busy {busy / 1e3:,.1f} ms ({100 * busy / span:.1f}%)")
@@ -102,6 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nidle {idle / 1e3:,.1f} ms; longest gaps:")
     for gap, before, after in gaps(kernels, args.top):
         print(f"{gap / 1e3:9.2f} ms  after {before.name[:50]}  before {after.name[:50]}")
+
+    ops, waited = host_syncs(events)
+    print("\nhost syncs (CPU ops that waited on the GPU, and the waiting runtime calls):")
+    for name, calls in sorted(ops.items(), key=lambda kv: -kv[1]):
+        print(f"{calls:9d}  {name}")
+    for name, (calls, us) in sorted(waited.items(), key=lambda kv: -kv[1][1]):
+        print(f"{int(calls):9d}  {name}: {us / 1e3:,.1f} ms waited")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ datasheet figure). One JSON line per case to ``--out``; ``--plot`` draws latency
 memory against length (one line per model and batch) from such a file, on any machine.
 
     python -m bench.decode --out decode.jsonl [--lengths 1024 4096 16384 65536] [--batches 1 16]
+    python -m bench.decode --compile [max-autotune-no-cudagraphs] ...   # the step compiled, then captured
+    python -m bench.decode --profile ...   # also where one replayed step's GPU time goes, per kernel family
     python -m bench.decode --plot decode.jsonl --png decode.png
+
+With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state three ways,
+the eager bf16 step, the compiled and captured step, and an fp32 copy of the model (the bf16
+weights, upcast) on an fp32 copy of the state, and records each step's relative logit error against
+the fp32 one: a compiled step that got the state update wrong shows from its second step on.
 """
 
 from __future__ import annotations
@@ -44,6 +51,15 @@ def build(pattern: str) -> HybridLM:
     return model
 
 
+def fp32_copy(model: HybridLM) -> HybridLM:
+    """The same (bf16-rounded) weights in fp32: the reference the bf16 steps are measured against."""
+    with torch.device("cuda"):
+        ref = HybridLM(model.model_args)
+    ref.load_state_dict(model.state_dict())
+    ref.eval().fuse_projections()
+    return ref
+
+
 def state_bytes(model: HybridLM, batch: int, length: int) -> int:
     """Bytes of the decoding state after ``length`` tokens (shapes only, on the meta device)."""
     dtype = torch.bfloat16
@@ -75,26 +91,63 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() * 20 / (start.elapsed_time(end) / 1e3)
 
 
-def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile: bool) -> dict:
+def step_parity(model: HybridLM, batch: int, length: int, steps: int, compile_mode: str) -> dict:
+    """Per step, the relative logit error against the fp32 copy of the eager and of the compiled step."""
+    from titan_hybrid.generate import DecodeStep
+
+    ref = fp32_copy(model)
+    state = model.empty_decode_state(batch, capacity=length + steps + 8)
+    fill(state, length)
+    ref_state = ref.empty_decode_state(batch, capacity=length + steps + 8)
+    for dst, src in zip(ref_state.tensors(), state.tensors(), strict=True):
+        dst.copy_(src)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, model.model_args.vocab_size, (steps, batch), device="cuda", generator=gen)
+    saved = state.snapshot()
+    with torch.no_grad():
+        expected = [ref.decode_step(t, ref_state).float() for t in tokens]
+        eager = [model.decode_step(t, state).float() for t in tokens]
+        state.restore(saved)
+        step = DecodeStep(model, state, cuda_graph=True, compile_mode=compile_mode)
+        compiled = [step(t).float().clone() for t in tokens]
+    rel = lambda a, b: round(((a - b).norm() / b.norm()).item(), 5)  # noqa: E731
+    return {
+        "parity_batch": batch, "parity_length": length,
+        "eager_vs_fp32": [rel(a, b) for a, b in zip(eager, expected)],
+        "compiled_vs_fp32": [rel(a, b) for a, b in zip(compiled, expected)],
+    }  # fmt: skip
+
+
+def profile_step(step, tokens: torch.Tensor, trace: str) -> str:
+    """Prints the kernel families of 20 replayed steps (``bench.kernel_profile`` on a torch.profiler
+    trace, saved to ``trace``, whose path it returns)."""
+    import os
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import kernel_profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            step(tokens)
+        torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
+    prof.export_chrome_trace(trace)
+    kernel_profile.main([trace, "--top", "15"])
+    return trace
+
+
+def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile_mode: str | None,
+               trace: str | None = None) -> dict:  # fmt: skip
     from titan_hybrid.generate import DecodeStep
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    state = model.empty_decode_state(batch, capacity=length + steps + 8)
+    state = model.empty_decode_state(batch, capacity=length + steps + 30)
     fill(state, length)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch,), device="cuda")
-    check = {}
-    if compile:  # the compiled graph's first logits against the eager step's, from the same state
-        saved = state.snapshot()
-        eager = model.decode_step(tokens, state).float()
-        state.restore(saved)
-        del saved
     started = time.perf_counter()
-    step = DecodeStep(model, state, cuda_graph=True, compile=compile)
+    step = DecodeStep(model, state, cuda_graph=True, compile_mode=compile_mode)
     capture_s = time.perf_counter() - started
-    if compile:
-        first = step(tokens).float()
-        check = {"compiled_vs_eager_rel_err": ((first - eager).norm() / eager.norm()).item()}
     for _ in range(3):
         step(tokens)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -115,8 +168,7 @@ def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile: bo
         "achieved_bandwidth": read / (ms / 1e3),
         "capture_s": capture_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        **check,
-    }
+    } | ({"profile": profile_step(step, tokens, trace)} if trace else {})
 
 
 def measure(cli: argparse.Namespace) -> int:
@@ -131,11 +183,17 @@ def measure(cli: argparse.Namespace) -> int:
     out = open(cli.out, "a") if cli.out else None
     for name in cli.models:
         model = build(MODELS[name])
+        if cli.compile:
+            parity = {"model": name, "compile": cli.compile, **step_parity(model, 16, 1024, cli.parity_steps, cli.compile)}
+            print(json.dumps(parity), flush=True)
+            if out:
+                out.write(json.dumps(parity) + "\n")
         for batch in cli.batches:
             for length in cli.lengths:
                 record = {"model": name, "batch": batch, "length": length, "compile": cli.compile, **env}
+                trace = f"{cli.profile}/{name.split()[0]}_B{batch}_L{length}.json" if cli.profile else None
                 try:
-                    record |= time_steps(model, batch, length, cli.steps, cli.compile)
+                    record |= time_steps(model, batch, length, cli.steps, cli.compile, trace)
                 except torch.OutOfMemoryError as e:
                     record["error"] = f"out of memory: {str(e)[:200]}"
                 bw = record.get("achieved_bandwidth")
@@ -162,7 +220,7 @@ def plot(path: str, png: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(path) if line.strip().startswith('{"model"')]
-    rows = [r for r in rows if "ms_per_step" in r]
+    rows = [r for r in rows if "ms_per_step" in r and not r.get("compile")]
     fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = dict(zip(MODELS, ["tab:blue", "tab:red", "tab:green"]))
     for name in MODELS:
@@ -194,7 +252,10 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per case")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step before capturing it")
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                        help="torch.compile the step (in this mode) before capturing it")
+    parser.add_argument("--parity-steps", type=int, default=8, help="steps of the compiled-vs-fp32 check")
+    parser.add_argument("--profile", metavar="DIR", help="also profile 20 replayed steps per case, traces in DIR")
     parser.add_argument("--out", help="append one JSON line per case")
     parser.add_argument("--plot", metavar="JSONL", help="draw a results file instead of measuring")
     parser.add_argument("--png", default="decode.png")

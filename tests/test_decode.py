@@ -9,9 +9,10 @@ import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
 from titan_hybrid.ops.common import chunk_recurrence_torch, recurrent_step_torch
-from titan_hybrid.ops.gdn2 import fused_recurrent_gdn2
-from titan_hybrid.ops.gated_delta import fused_recurrent_gated_delta_rule
-from titan_hybrid.ops.gla import fused_recurrent_gla
+from titan_hybrid.generate import DecodeStep
+from titan_hybrid.ops.gated_delta import fused_recurrent_gated_delta_rule, gated_delta_step
+from titan_hybrid.ops.gdn2 import fused_recurrent_gdn2, gdn2_step
+from titan_hybrid.ops.gla import fused_recurrent_gla, gla_step
 
 BASE = hybrid_flavors["debug"].replace(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=64)
 CASES = {
@@ -128,6 +129,32 @@ def test_cpu_decode_ops_update_the_state_in_place():
         state = torch.zeros(1, 2, 4, 4)
         op(q, k, v, *extra, state)
         assert state.abs().sum() > 0, op.__name__
+
+
+def test_decode_step_ops_declare_their_state_mutation():
+    """The ``*_step`` custom ops (fla's recurrent kernels on CUDA): schema, fake and mutation checks."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 1, 2, 4, generator=gen) for _ in range(3))
+    gk, b, w, state = torch.full((2, 1, 2, 4), -0.1), torch.rand(2, 1, 2, 4), torch.rand(2, 1, 2, 4), torch.randn(2, 2, 4, 4)
+    torch.library.opcheck(gla_step, (q, k, v, gk, state, 0.5))
+    torch.library.opcheck(gated_delta_step, (q, k, v, gk[..., 0], b[..., 0], state, 0.5, True))
+    torch.library.opcheck(gdn2_step, (q, k, v, gk, b, w, state, 0.5, True))
+
+
+def test_compiled_decode_step_matches_eager():
+    """``DecodeStep(compile_mode=...)``: the whole step as one graph (fullgraph), every mixer kind, over
+    several steps, so a state update lost inside the compiled graph would show."""
+    model = _model(**CASES["mixed"])
+    tokens = torch.randint(0, BASE.vocab_size, (3, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :3], torch.tensor([3, 2, 1]), capacity=12)
+        saved = state.snapshot()
+        eager = [model.decode_step(tokens[:, i], state) for i in range(3, 7)]
+        state.restore(saved)
+        step = DecodeStep(model, state, compile_mode="default")
+        for i, expected in zip(range(3, 7), eager):
+            torch.testing.assert_close(step(tokens[:, i]), expected, rtol=1e-4, atol=1e-5)
+    assert state.positions.tolist() == [7, 6, 5]
 
 
 def test_empty_state_has_the_prefill_state_layout():

@@ -70,15 +70,17 @@ class DecodeStep:
 
     Capturing needs a few warm-up steps first (they run fla's Triton autotuning and allocate
     the step's workspace); they change the state, so it is saved before and restored after.
-    ``compile`` (``bench.decode --compile`` only, not offered by ``generate``): the step through
-    ``torch.compile`` before capture. It cuts a latency-bound step by up to 30 %, but on the H200
-    its first logits differed from the eager step's by 3-47 % (relative norm, BENCHMARKS.md), so
-    it stays a measurement until that is understood.
+    ``compile_mode`` (None: eager): the step through ``torch.compile(fullgraph=True, mode=...)``
+    before capture, so Inductor fuses the norms, gates and residuals between the GEMMs; the
+    recurrent mixers' fla kernels are custom ops in that graph (``titan_hybrid.ops.*_step``).
     """
 
-    def __init__(self, model: HybridLM, state: DecodeState, cuda_graph: bool = True, compile: bool = False):
+    def __init__(self, model: HybridLM, state: DecodeState, cuda_graph: bool = True, compile_mode: str | None = None):
         self.state = state
-        self.step_fn = torch.compile(model.decode_step) if compile else model.decode_step
+        self.step_fn = (
+            model.decode_step if compile_mode is None
+            else torch.compile(model.decode_step, fullgraph=True, mode=None if compile_mode == "default" else compile_mode)
+        )  # fmt: skip
         self.tokens = torch.zeros_like(state.positions)
         self.graph = None
         if cuda_graph and state.positions.is_cuda:

@@ -256,7 +256,8 @@ def fla_qk_l2norm_bwd(
 def call_fla_step(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], *tensors: torch.Tensor, state: torch.Tensor,
                   **kwargs) -> torch.Tensor:  # fmt: skip
     """Run an fla ``fused_recurrent_*`` kernel for one token from ``state``, which takes the new
-    state in place (a CUDA graph replays on fixed buffers). Kept out of torch.compile graphs."""
+    state in place (a CUDA graph replays on fixed buffers). Called inside the mixers' ``*_step``
+    custom ops, which keep it out of torch.compile's tracing."""
     o, new_state = kernel(*tensors, initial_state=state, output_final_state=True, **kwargs)
     state.copy_(new_state)
     return o

@@ -105,16 +105,31 @@ def fused_recurrent_gated_delta_rule(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
 ) -> torch.Tensor:
-    """Decode one token: q, k [B,1,H,K], v [B,1,H,V], g, beta [B,1,H]; fp32 ``state`` updated in place."""
+    """Decode one token: q, k [B,1,H,K], v [B,1,H,V], g, beta [B,1,H]; fp32 ``state`` updated in place
+    (fla's kernel on CUDA, ``recurrent_step_torch`` elsewhere: ``gated_delta_step``)."""
+    return gated_delta_step(q, k, v, g, beta, state, q.shape[-1] ** -0.5 if scale is None else scale, use_qk_l2norm)
+
+
+@torch.library.custom_op("titan_hybrid::gated_delta_step", mutates_args=("state",))
+def gated_delta_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+    scale: float, use_qk_l2norm: bool,
+) -> torch.Tensor:  # fmt: skip
+    """``fused_recurrent_gated_delta_rule`` as a custom op mutating ``state`` (see ``ops.gla.gla_step``)."""
     if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
         return call_fla_step(
             _fla_fused_recurrent_gated_delta_rule, q, k, v, g, state=state, beta=beta, scale=scale,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )  # fmt: skip
+        ).to(v.dtype)  # fmt: skip
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     beta = beta.unsqueeze(-1)
-    return recurrent_step_torch(q, k, v, g.unsqueeze(-1), state, b=beta, w=beta, scale=scale)
+    return recurrent_step_torch(q, k, v, g.unsqueeze(-1), state, b=beta, w=beta, scale=scale).contiguous()
+
+
+@gated_delta_step.register_fake
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm):
+    return v.new_empty(v.shape)
 
 
 # fla's gated-delta-rule kernels as torch.library custom ops (see ``titan_hybrid.ops.gla``): the

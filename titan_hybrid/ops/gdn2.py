@@ -205,14 +205,29 @@ def fused_recurrent_gdn2(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
 ) -> torch.Tensor:
-    """Decode one token of GDN-2: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place."""
+    """Decode one token of GDN-2: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place
+    (fla's kernel on CUDA, ``recurrent_step_torch`` elsewhere: ``gdn2_step``)."""
+    return gdn2_step(q, k, v, g, b, w, state, q.shape[-1] ** -0.5 if scale is None else scale, use_qk_l2norm)
+
+
+@torch.library.custom_op("titan_hybrid::gdn2_step", mutates_args=("state",))
+def gdn2_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    state: torch.Tensor, scale: float, use_qk_l2norm: bool,
+) -> torch.Tensor:  # fmt: skip
+    """``fused_recurrent_gdn2`` as a custom op mutating ``state`` (see ``ops.gla.gla_step``)."""
     if q.is_cuda and _fla_chunk_gdn2 is not None:
         return call_fla_step(
             _fla_fused_recurrent_gdn2, q, k, v, g, b, w, state=state, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm
-        )
+        ).to(v.dtype)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    return recurrent_step_torch(q, k, v, g, state, b=b, w=w, scale=scale)
+    return recurrent_step_torch(q, k, v, g, state, b=b, w=w, scale=scale).contiguous()
+
+
+@gdn2_step.register_fake
+def _(q, k, v, g, b, w, state, scale, use_qk_l2norm):
+    return v.new_empty(v.shape)
 
 
 def kaczmarz_gates(

@@ -68,10 +68,23 @@ def fused_recurrent_gla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """Decode one token: inputs ``[B, 1, H, K|V]``, fp32 ``state [B, H, K, V]`` updated in place;
-    fla's ``fused_recurrent_gla`` on CUDA, ``recurrent_step_torch`` elsewhere."""
+    fla's ``fused_recurrent_gla`` on CUDA, ``recurrent_step_torch`` elsewhere (``gla_step``)."""
+    return gla_step(q, k, v, g, state, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+@torch.library.custom_op("titan_hybrid::gla_step", mutates_args=("state",))
+def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+             scale: float) -> torch.Tensor:  # fmt: skip
+    """``fused_recurrent_gla`` as a custom op that mutates ``state``: a compiled decode step keeps
+    fla's kernel as one opaque node (Dynamo tracing into fla's autograd Function gave wrong logits)."""
     if q.is_cuda and _fla_gla_fwd is not None:
-        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=g, scale=scale)
-    return recurrent_step_torch(q, k, v, g, state, scale=scale)
+        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=g, scale=scale).to(v.dtype)
+    return recurrent_step_torch(q, k, v, g, state, scale=scale).contiguous()
+
+
+@gla_step.register_fake
+def _(q, k, v, g, state, scale):
+    return v.new_empty(v.shape)
 
 
 # fla's GLA kernels as torch.library custom ops: torch.compile keeps them as opaque

@@ -104,6 +104,7 @@ def step_parity(model: HybridLM, batch: int, length: int, steps: int, compile_mo
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, model.model_args.vocab_size, (steps, batch), device="cuda", generator=gen)
     saved = state.snapshot()
+    torch._dynamo.reset()  # one compile per case: the models share decode_step's code object
     with torch.no_grad():
         expected = [ref.decode_step(t, ref_state).float() for t in tokens]
         eager = [model.decode_step(t, state).float() for t in tokens]
@@ -146,6 +147,7 @@ def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile_mod
     fill(state, length)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch,), device="cuda")
     started = time.perf_counter()
+    torch._dynamo.reset()
     step = DecodeStep(model, state, cuda_graph=True, compile_mode=compile_mode)
     capture_s = time.perf_counter() - started
     for _ in range(3):

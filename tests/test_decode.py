@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+from titan_hybrid.models.hybrid.attention import decode_sdpa, kv_cache_write
 from titan_hybrid.ops.common import chunk_recurrence_torch, recurrent_step_torch
 from titan_hybrid.generate import DecodeStep
 from titan_hybrid.ops.gated_delta import fused_recurrent_gated_delta_rule, gated_delta_step
@@ -132,13 +133,19 @@ def test_cpu_decode_ops_update_the_state_in_place():
 
 
 def test_decode_step_ops_declare_their_state_mutation():
-    """The ``*_step`` custom ops (fla's recurrent kernels on CUDA): schema, fake and mutation checks."""
+    """The decode step's custom ops (the recurrent mixers' ``*_step``, fla's kernels on CUDA; the KV
+    cache write and attention): schema, fake and mutation checks."""
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 1, 2, 4, generator=gen) for _ in range(3))
     gk, b, w, state = torch.full((2, 1, 2, 4), -0.1), torch.rand(2, 1, 2, 4), torch.rand(2, 1, 2, 4), torch.randn(2, 2, 4, 4)
     torch.library.opcheck(gla_step, (q, k, v, gk, state, 0.5))
     torch.library.opcheck(gated_delta_step, (q, k, v, gk[..., 0], b[..., 0], state, 0.5, True))
     torch.library.opcheck(gdn2_step, (q, k, v, gk, b, w, state, 0.5, True))
+    cache_k, cache_v = torch.randn(2, 1, 6, 4, generator=gen), torch.randn(2, 1, 6, 4, generator=gen)
+    index = torch.tensor([2, 5])[:, None, None, None].expand(2, 1, 1, 4)
+    torch.library.opcheck(kv_cache_write, (cache_k, cache_v, index, k[:, :, :1], v[:, :, :1]))
+    mask = torch.arange(6) <= torch.tensor([2, 5]).unsqueeze(1)
+    torch.library.opcheck(decode_sdpa, (q.transpose(1, 2), cache_k, cache_v, mask[:, None, None, :], True))
 
 
 def test_compiled_decode_step_matches_eager():

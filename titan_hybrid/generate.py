@@ -73,13 +73,15 @@ class DecodeStep:
     ``compile_mode`` (None: eager): the step through ``torch.compile(fullgraph=True, mode=...)``
     before capture, so Inductor fuses the norms, gates and residuals between the GEMMs; the
     recurrent mixers' fla kernels are custom ops in that graph (``titan_hybrid.ops.*_step``).
+    Shapes are static (a decode run's batch and capacity are fixed); each new one compiles anew.
     """
 
     def __init__(self, model: HybridLM, state: DecodeState, cuda_graph: bool = True, compile_mode: str | None = None):
         self.state = state
         self.step_fn = (
             model.decode_step if compile_mode is None
-            else torch.compile(model.decode_step, fullgraph=True, mode=None if compile_mode == "default" else compile_mode)
+            else torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                               mode=None if compile_mode == "default" else compile_mode)
         )  # fmt: skip
         self.tokens = torch.zeros_like(state.positions)
         self.graph = None

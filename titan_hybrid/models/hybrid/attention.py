@@ -25,6 +25,37 @@ from .decode_state import KVCache, Prompt
 from .fused import LinearGroup, project
 
 
+# The one-token decode step's cache write and attention as custom ops: torch.compile keeps them as
+# they run eagerly. Traced, the in-place scatter into the cache (a graph input) is functionalised into
+# a fresh cache-sized buffer copied back at the end of the graph: two more passes over every layer's
+# whole cache per token (seen in Inductor's output code).
+
+
+@torch.library.custom_op("titan_hybrid::kv_cache_write", mutates_args=("cache_k", "cache_v"))
+def kv_cache_write(cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:  # fmt: skip
+    """Write each row's new key and value ``[B, KV, 1, D]`` into the caches at slot ``index``."""
+    cache_k.scatter_(2, index, k)
+    cache_v.scatter_(2, index, v)
+
+
+@kv_cache_write.register_fake
+def _(cache_k, cache_v, index, k, v):
+    return None
+
+
+@torch.library.custom_op("titan_hybrid::decode_sdpa", mutates_args=())
+def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """One query per head over the cache through eager SDPA's kernel choice (the fastest measured,
+    ``Attention.step``), whatever Inductor would lower it to."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa).contiguous()
+
+
+@decode_sdpa.register_fake
+def _(q, k, v, mask, enable_gqa):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
 def rope_cache(rotary_dims: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
     """``[max_seq_len, rotary_dims // 2, 2]`` cos/sin table, kept in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dims, 2, device=device, dtype=torch.float32) / rotary_dims)
@@ -257,7 +288,11 @@ class Attention(nn.Module):
         sink = int(self.sink_k is not None)
         slots = cache.k.shape[2] - sink
         index = (sink + positions % slots)[:, None, None, None].expand(B, self.n_kv_heads, 1, self.head_dim)
-        cache.k.scatter_(2, index, k)
-        cache.v.scatter_(2, index, v)
+        kv_cache_write(cache.k, cache.v, index, k, v)
         valid = torch.arange(slots + sink, device=x.device) <= (positions + sink).unsqueeze(1)  # [B, sink + slots]
-        return self._output(self._sdpa(q, cache.k, cache.v, valid[:, None, None, :]), v)
+        mask = valid[:, None, None, :]
+        if self.softcap:
+            o = softcapped_attention(q, cache.k, cache.v, mask, self.softcap)
+        else:
+            o = decode_sdpa(q, cache.k, cache.v, mask, self.n_heads != self.n_kv_heads)
+        return self._output(o, v)

@@ -172,7 +172,8 @@ def test_empty_state_has_the_prefill_state_layout():
 
 
 def test_fused_projections_keep_weights_and_logits():
-    """fuse_projections: the same parameters (as views of one matrix per group), the same logits."""
+    """fuse_projections: the same parameters (as views of one matrix per group), the same logits (to
+    fp32 reassociation: GLA's decay runs as one matrix, its low-rank pair multiplied out)."""
     model = _model(**CASES["mixed"])
     tokens = torch.randint(0, BASE.vocab_size, (2, 11), generator=torch.Generator().manual_seed(7))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -185,6 +186,8 @@ def test_fused_projections_keep_weights_and_logits():
     assert attn.wk.weight.data_ptr() == attn.qkv_group.weight.data_ptr() + attn.wq.weight.numel() * 4
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(tokens), ref, rtol=1e-4, atol=1e-5)
     _, state = model.prefill(tokens[:, :6], torch.tensor([6, 4]), capacity=12)
-    torch.testing.assert_close(model.decode_step(tokens[:, 6], state), ref_step, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.decode_step(tokens[:, 6], state), ref_step, rtol=1e-4, atol=1e-5)
+    gla = model.layers["0"].mixer
+    torch.testing.assert_close(gla.input_group.weight[-gla.key_dim :], gla.gk_up.weight @ gla.gk_down.weight)

@@ -14,11 +14,16 @@ from torch import nn
 
 
 class LinearGroup:
-    def __init__(self, linears: list[nn.Linear]):
+    """``extra``: more rows after the linears' (a matrix derived from other weights, e.g. a low-rank
+    pair multiplied out); its output comes last. Derived rows do not follow a later
+    ``load_state_dict``: fuse after loading."""
+
+    def __init__(self, linears: list[nn.Linear], extra: torch.Tensor | None = None):
         if any(lin.bias is not None for lin in linears) or len({lin.in_features for lin in linears}) != 1:
             raise ValueError("a LinearGroup takes bias-free linears of one input width")
-        self.weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.sizes = [lin.out_features for lin in linears]
+        blocks = [lin.weight.detach() for lin in linears] + ([extra.to(linears[0].weight.dtype)] if extra is not None else [])
+        self.weight = torch.cat(blocks)
+        self.sizes = [block.shape[0] for block in blocks]
         for lin, rows in zip(linears, self.weight.split(self.sizes)):
             lin.weight = nn.Parameter(rows, requires_grad=lin.weight.requires_grad)
 

@@ -46,8 +46,10 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
     env.update(TITAN_HYBRID_CACHE_DIR=str(cache_dir), LOG_RANK="0", PYTHON=env.get("PYTHON", sys.executable))
     marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="warm_start_dump_") as dump:
+        # Plain metric lines: on a terminal-less GPU run TorchTitan colours them, which STEP_1 would miss.
         cmd = [str(ROOT / "run_train.sh"), config, "--job.dump_folder", dump, "--training.steps", "1",
-               "--metrics.log_freq", "1", "--checkpoint.no-enable", *overrides]  # fmt: skip
+               "--metrics.log_freq", "1", "--metrics.disable_color_printing", "--checkpoint.no-enable",
+               *overrides]  # fmt: skip
         start = time.monotonic()
         with open(log_path, "w", buffering=1) as log, subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

@@ -32,9 +32,10 @@ def model() -> HybridLM:
     return m.eval()
 
 
-def test_greedy_generation_equals_recomputing_the_whole_sequence(model):
+@pytest.mark.parametrize("compile_mode", [None, "default"])
+def test_greedy_generation_equals_recomputing_the_whole_sequence(model, compile_mode):
     prompts = [[5, 17, 3], [9], [1, 2, 3, 4, 5, 6, 7]]
-    outputs = generate(model, prompts, max_new_tokens=10, sampling=Sampling(temperature=0))
+    outputs = generate(model, prompts, max_new_tokens=10, sampling=Sampling(temperature=0), compile_mode=compile_mode)
     assert len({t for out in outputs for t in out}) > 10  # not one repeated token
     for prompt, out in zip(prompts, outputs):
         seq = list(prompt)

@@ -117,10 +117,12 @@ def generate(
     eos_id: int | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     cuda_graph: bool = True,
+    compile_mode: str | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (up to ``max_new_tokens``, ending at ``eos_id`` included).
 
-    ``on_token`` gets each step's new token per row as it is made (for streaming).
+    ``on_token`` gets each step's new token per row as it is made (for streaming);
+    ``compile_mode``: see ``DecodeStep``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -130,7 +132,7 @@ def generate(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     logits, state = model.prefill(tokens, lengths, capacity=width + max_new_tokens)
-    step = DecodeStep(model, state, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
+    step = DecodeStep(model, state, cuda_graph=cuda_graph, compile_mode=compile_mode) if max_new_tokens > 1 else None
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token step before capturing it (a compile per batch shape; "
+                             "faster steps for long generations, BENCHMARKS.md)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     outputs = generate(
         model, prompts, args.max_new_tokens, sampling, seed=args.seed, eos_id=tokenizer.eos_id,
-        on_token=stream, cuda_graph=not args.no_cuda_graph,
+        on_token=stream, cuda_graph=not args.no_cuda_graph, compile_mode="default" if args.compile else None,
     )  # fmt: skip
     if stream:
         sys.stdout.write("\n")

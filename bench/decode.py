@@ -14,10 +14,12 @@ memory against length (one line per model and batch) from such a file, on any ma
     python -m bench.decode --profile ...   # also where one replayed step's GPU time goes, per kernel family
     python -m bench.decode --plot decode.jsonl --png decode.png
 
-With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state three ways,
-the eager bf16 step, the compiled and captured step, and an fp32 copy of the model (the bf16
-weights, upcast) on an fp32 copy of the state, and records each step's relative logit error against
-the fp32 one: a compiled step that got the state update wrong shows from its second step on.
+With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state: the eager
+bf16 step, the compiled and captured one, and an fp32 copy of the model (the bf16 weights, upcast)
+on an fp32 copy of the state, eager and compiled; each step's relative logit error against the fp32
+eager one is recorded. Random weights and a random state make the bf16 steps ill-conditioned (GLA's
+per-head output norm rescales small outputs; the errors reach tens of percent, eager as compiled),
+so the compiled step is judged in fp32, where a wrong state update shows from the second step on.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def build(pattern: str) -> HybridLM:
         model = HybridLM(args)
         model.init_weights()
     model = model.to(torch.bfloat16).eval()
+    model.rope = model._rope(device="cuda")  # fp32, as generate loads it
     model.fuse_projections()
     return model
 
@@ -103,7 +106,7 @@ def step_parity(model: HybridLM, batch: int, length: int, steps: int, compile_mo
         dst.copy_(src)
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, model.model_args.vocab_size, (steps, batch), device="cuda", generator=gen)
-    saved = state.snapshot()
+    saved, saved32 = state.snapshot(), ref_state.snapshot()
     torch._dynamo.reset()  # one compile per case: the models share decode_step's code object
     with torch.no_grad():
         expected = [ref.decode_step(t, ref_state).float() for t in tokens]
@@ -111,11 +114,17 @@ def step_parity(model: HybridLM, batch: int, length: int, steps: int, compile_mo
         state.restore(saved)
         step = DecodeStep(model, state, cuda_graph=True, compile_mode=compile_mode)
         compiled = [step(t).float().clone() for t in tokens]
-    rel = lambda a, b: round(((a - b).norm() / b.norm()).item(), 5)  # noqa: E731
+        # The same in fp32: rounding is ~1e-7 there, so a wrong compiled step cannot hide in it.
+        ref_state.restore(saved32)
+        torch._dynamo.reset()
+        step32 = DecodeStep(ref, ref_state, cuda_graph=True, compile_mode=compile_mode)
+        compiled32 = [step32(t).float().clone() for t in tokens]
+    rel = lambda a, b: float(f"{((a - b).norm() / b.norm()).item():.3g}")  # noqa: E731
     return {
         "parity_batch": batch, "parity_length": length,
         "eager_vs_fp32": [rel(a, b) for a, b in zip(eager, expected)],
         "compiled_vs_fp32": [rel(a, b) for a, b in zip(compiled, expected)],
+        "fp32_compiled_vs_fp32_eager": [rel(a, b) for a, b in zip(compiled32, expected)],
     }  # fmt: skip
 
 

@@ -81,5 +81,7 @@ class GatedLinearAttention(nn.Module):
 
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
-        *qkvg, gate = self._inputs(x)
-        return self._output(fused_recurrent_gla(*qkvg, state.ssm), gate)
+        q, k, v, gk, gate = self._inputs(x)
+        # Contiguous here, where a compiled step fuses the copies into its gate kernel; fla's
+        # kernel would otherwise copy the fused GEMM's strided outputs itself (3 kernels a layer).
+        return self._output(fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm), gate)

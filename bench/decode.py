@@ -12,7 +12,7 @@ memory against length (one line per model and batch) from such a file, on any ma
     python -m bench.decode --out decode.jsonl [--lengths 1024 4096 16384 65536] [--batches 1 16]
     python -m bench.decode --compile [max-autotune-no-cudagraphs] ...   # the step compiled, then captured
     python -m bench.decode --profile ...   # also where one replayed step's GPU time goes, per kernel family
-    python -m bench.decode --plot decode.jsonl --png decode.png
+    python -m bench.decode --plot decode.jsonl [compiled.jsonl ...] --png decode.png
 
 With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state: the eager
 bf16 step, the compiled and captured one, and an fp32 copy of the model (the bf16 weights, upcast)
@@ -224,14 +224,22 @@ def measure(cli: argparse.Namespace) -> int:
     return 0
 
 
-def plot(path: str, png: str) -> None:
+def plot(paths: list[str], png: str) -> None:
+    """Eager (CUDA graph) rows as lines, the first per case (a sweep's file first); compiled
+    (default mode) rows as stars, the newest per case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(path) if line.strip().startswith('{"model"')]
-    rows = [r for r in rows if "ms_per_step" in r and not r.get("compile")]
+    timed = [json.loads(line) for path in paths for line in open(path) if line.strip().startswith('{"model"')]
+    timed = [r for r in timed if "ms_per_step" in r]
+    eager: dict[tuple, dict] = {}
+    for r in timed:
+        if not r.get("compile"):
+            eager.setdefault((r["model"], r["batch"], r["length"]), r)
+    rows = list(eager.values())
+    compiled = {(r["model"], r["batch"], r["length"]): r for r in timed if r.get("compile") == "default"}
     fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = dict(zip(MODELS, ["tab:blue", "tab:red", "tab:green"]))
     for name in MODELS:
@@ -243,6 +251,10 @@ def plot(path: str, png: str) -> None:
             label = f"{name}, batch {batch}"
             ax_ms.plot(xs, [r["ms_per_step"] for _, r in pts], style, color=colors[name], label=label)
             ax_mem.plot(xs, [r["state_bytes"] / 2**30 for _, r in pts], style, color=colors[name], label=label)
+            stars = sorted((r["length"], r["ms_per_step"]) for (m, b, _), r in compiled.items() if (m, b) == (name, batch))
+            if stars:
+                ax_ms.plot(*zip(*stars), "*", markersize=13, markeredgecolor="black", color=colors[name],
+                           label=f"{label}, compiled step")
     for ax, title, unit in [(ax_ms, "time per decode step", "ms / step"), (ax_mem, "decoding state", "GiB")]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -268,7 +280,7 @@ def main() -> int:
     parser.add_argument("--parity-steps", type=int, default=8, help="steps of the compiled-vs-fp32 check")
     parser.add_argument("--profile", metavar="DIR", help="also profile 20 replayed steps per case, traces in DIR")
     parser.add_argument("--out", help="append one JSON line per case")
-    parser.add_argument("--plot", metavar="JSONL", help="draw a results file instead of measuring")
+    parser.add_argument("--plot", metavar="JSONL", nargs="+", help="draw results files instead of measuring")
     parser.add_argument("--png", default="decode.png")
     cli = parser.parse_args()
     if cli.plot:

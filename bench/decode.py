@@ -152,6 +152,7 @@ def time_steps(model: HybridLM, batch: int, length: int, steps: int, compile_mod
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    # Room for every step replayed on it: the timed ones, 3 warm-ups and 20 profiled.
     state = model.empty_decode_state(batch, capacity=length + steps + 30)
     fill(state, length)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch,), device="cuda")

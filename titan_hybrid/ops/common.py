@@ -252,7 +252,6 @@ def fla_qk_l2norm_bwd(
     return _fla_l2norm_bwd(q, q_rstd.contiguous(), dq), _fla_l2norm_bwd(k, k_rstd.contiguous(), dk)
 
 
-@torch.compiler.disable
 def call_fla_step(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], *tensors: torch.Tensor, state: torch.Tensor,
                   **kwargs) -> torch.Tensor:  # fmt: skip
     """Run an fla ``fused_recurrent_*`` kernel for one token from ``state``, which takes the new

@@ -75,8 +75,8 @@ def fused_recurrent_gla(
 @torch.library.custom_op("titan_hybrid::gla_step", mutates_args=("state",))
 def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
              scale: float) -> torch.Tensor:  # fmt: skip
-    """``fused_recurrent_gla`` as a custom op that mutates ``state``: a compiled decode step keeps
-    fla's kernel as one opaque node (Dynamo tracing into fla's autograd Function gave wrong logits)."""
+    """``fused_recurrent_gla`` as a custom op that mutates ``state``: a compiled decode step is one
+    graph (fullgraph) with fla's autotuned kernel as an opaque node and the state write declared."""
     if q.is_cuda and _fla_gla_fwd is not None:
         return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=g, scale=scale).to(v.dtype)
     return recurrent_step_torch(q, k, v, g, state, scale=scale).contiguous()

@@ -12,6 +12,7 @@ memory against length (one line per model and batch) from such a file, on any ma
     python -m bench.decode --out decode.jsonl [--lengths 1024 4096 16384 65536] [--batches 1 16]
     python -m bench.decode --compile [max-autotune-no-cudagraphs] ...   # the step compiled, then captured
     python -m bench.decode --profile ...   # also where one replayed step's GPU time goes, per kernel family
+    python -m bench.decode --blas cublaslt ...   # the GEMMs through cuBLASLt's heuristics
     python -m bench.decode --plot decode.jsonl [compiled.jsonl ...] --png decode.png
 
 With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state: the eager
@@ -188,9 +189,12 @@ def measure(cli: argparse.Namespace) -> int:
     import triton
 
     device = torch.cuda.get_device_name()
+    if cli.blas:
+        torch.backends.cuda.preferred_blas_library(cli.blas)
     datasheet = next((bw for name, bw in DATASHEET_BANDWIDTH.items() if name in device), None)
     env = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "fla": fla.__version__,
-           "copy_bandwidth": copy_bandwidth(), "datasheet_bandwidth": datasheet}  # fmt: skip
+           "copy_bandwidth": copy_bandwidth(), "datasheet_bandwidth": datasheet,
+           "blas": str(torch.backends.cuda.preferred_blas_library()).split(".")[-1].lower()}  # fmt: skip
     print(json.dumps(env), flush=True)
     out = open(cli.out, "a") if cli.out else None
     for name in cli.models:
@@ -278,6 +282,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per case")
     parser.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
                         help="torch.compile the step (in this mode) before capturing it")
+    parser.add_argument("--blas", choices=["cublas", "cublaslt"],
+                        help="torch.backends.cuda.preferred_blas_library for the GEMMs (default: torch's choice)")
     parser.add_argument("--parity-steps", type=int, default=8, help="steps of the compiled-vs-fp32 check")
     parser.add_argument("--profile", metavar="DIR", help="also profile 20 replayed steps per case, traces in DIR")
     parser.add_argument("--out", help="append one JSON line per case")

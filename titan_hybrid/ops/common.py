@@ -254,9 +254,10 @@ def fla_qk_l2norm_bwd(
 
 def call_fla_step(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], *tensors: torch.Tensor, state: torch.Tensor,
                   **kwargs) -> torch.Tensor:  # fmt: skip
-    """Run an fla ``fused_recurrent_*`` kernel for one token from ``state``, which takes the new
-    state in place (a CUDA graph replays on fixed buffers). Called inside the mixers' ``*_step``
-    custom ops, which keep it out of torch.compile's tracing."""
+    """Run an fla ``fused_recurrent_*`` function for one token from ``state`` and copy the fresh
+    final state it returns into ``state`` (a CUDA graph replays on fixed buffers): for the kernels
+    fla offers no in-place final state for (Gated DeltaNet's; GLA's with key dims above 64).
+    Called inside the mixers' ``*_step`` custom ops, which keep it out of torch.compile's tracing."""
     o, new_state = kernel(*tensors, initial_state=state, output_final_state=True, **kwargs)
     state.copy_(new_state)
     return o

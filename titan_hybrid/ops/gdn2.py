@@ -9,7 +9,8 @@ This is the shared recurrence of ``titan_hybrid.ops.common`` as is. fla's
 GDN-2 backward runs its own fused kernels (``chunk_gdn2_bwd``), not the
 ``chunk_bwd_dqkwg`` kernel behind fla issue #640, so it needs no Hopper guard.
 Decoding one token from a prefilled state: ``fused_recurrent_gdn2`` (fla's kernel
-of that name on CUDA, ``recurrent_step_torch`` elsewhere).
+of that name on CUDA, writing the state in place as fla's serving path does;
+``recurrent_step_torch`` elsewhere).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from titan_hybrid.ops.common import (
     FLA_DELTA_CHUNK,
     call_fla,
-    call_fla_step,
     chunk_recurrence_torch,
     fla_layout,
     fla_qk_l2norm,
@@ -32,9 +32,9 @@ from titan_hybrid.ops.common import (
 
 try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gdn2 import chunk_gdn2 as _fla_chunk_gdn2
-    from fla.ops.gdn2 import fused_recurrent_gdn2 as _fla_fused_recurrent_gdn2
     from fla.ops.gdn2.chunk_bwd import chunk_gdn2_bwd as _fla_gdn2_bwd
     from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd as _fla_gdn2_fwd
+    from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd as _fla_fused_recurrent_gdn2_fwd
     from fla.utils import custom_device_ctx
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_chunk_gdn2 = None
@@ -217,9 +217,14 @@ def gdn2_step(
 ) -> torch.Tensor:  # fmt: skip
     """``fused_recurrent_gdn2`` as a custom op mutating ``state`` (see ``ops.gla.gla_step``)."""
     if q.is_cuda and _fla_chunk_gdn2 is not None:
-        return call_fla_step(
-            _fla_fused_recurrent_gdn2, q, k, v, g, b, w, state=state, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm
-        ).to(v.dtype)
+        # fla's in-place final state (its serving path): no fresh state to copy back into ours.
+        q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
+        with custom_device_ctx(q.device.index):
+            o, _ = _fla_fused_recurrent_gdn2_fwd(
+                q, k, v, g, b, w, initial_state=state, scale=scale, inplace_final_state=True,
+                use_qk_l2norm_in_kernel=use_qk_l2norm, out=torch.empty_like(v),
+            )  # fmt: skip
+        return o
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     return recurrent_step_torch(q, k, v, g, state, b=b, w=w, scale=scale).contiguous()

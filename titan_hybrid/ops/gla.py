@@ -21,6 +21,7 @@ try:  # fla imports Triton; both are optional on CPU-only installs.
     from fla.ops.gla import fused_recurrent_gla as _fla_fused_recurrent_gla
     from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
     from fla.ops.gla.chunk import chunk_gla_fwd as _fla_gla_fwd
+    from fla.ops.common.fused_recurrent import _fused_recurrent_tiling, fused_recurrent_fwd_kernel
 except ImportError:  # pragma: no cover - exercised only without fla installed
     _fla_gla_fwd = None
 
@@ -78,8 +79,49 @@ def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     """``fused_recurrent_gla`` as a custom op that mutates ``state``: a compiled decode step is one
     graph (fullgraph) with fla's autotuned kernel as an opaque node and the state write declared."""
     if q.is_cuda and _fla_gla_fwd is not None:
-        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=g, scale=scale).to(v.dtype)
+        return fla_gla_step_in_place(q, k, v, g, state, scale)
     return recurrent_step_torch(q, k, v, g, state, scale=scale).contiguous()
+
+
+# (K, V, dtypes, device) of the step shapes whose kernel config fla's autotuner has chosen.
+_TUNED_STEPS: set[tuple] = set()
+
+
+def fla_gla_step_in_place(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, state: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The kernel behind fla's ``fused_recurrent_gla``, launched with the new state written over
+    ``state`` and the output in ``v``'s dtype.
+
+    fla's wrapper returns a fresh fp32 state and an fp32 output, which a decode step then copies
+    back and casts: two more kernels a layer, ~8 % of a compiled all-GLA step. Each program of the
+    kernel loads its state tile before its loop and stores the same tile after it, so the alias is
+    safe; fla's autotuner is not (it times each config by running it over and over), so a shape's
+    first call tunes with a scratch final state. Key dims above 64 (several key blocks, whose
+    partial outputs fla sums) take fla's wrapper.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV, NK, NV = _fused_recurrent_tiling(K, V)
+    if NK > 1:
+        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=gk, scale=scale).to(v.dtype)
+    q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))
+    o = torch.empty_like(v)
+
+    def launch(final_state: torch.Tensor) -> None:
+        fused_recurrent_fwd_kernel[(NV * NK * B * H,)](
+            q=q, k=k, v=v, g=None, g_gamma=None, gk=gk, gv=None, o=o, h0=state, ht=final_state,
+            cu_seqlens=None, scale=scale, T=T, B=B, H=H, K=K, V=V, BK=BK, BV=BV,
+            USE_G=False, USE_G_GAMMA=False, USE_GK=True, USE_GV=False, REVERSE=False, STATE_V_FIRST=False,
+        )  # fmt: skip
+
+    with torch.cuda.device(q.device):
+        key = (K, V, q.dtype, gk.dtype, q.device)
+        if key not in _TUNED_STEPS:
+            launch(torch.empty_like(state))
+            _TUNED_STEPS.add(key)
+        launch(state)
+    return o
 
 
 @gla_step.register_fake

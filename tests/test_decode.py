@@ -141,11 +141,17 @@ def test_decode_step_ops_declare_their_state_mutation():
     torch.library.opcheck(gla_step, (q, k, v, gk, state, 0.5))
     torch.library.opcheck(gated_delta_step, (q, k, v, gk[..., 0], b[..., 0], state, 0.5, True))
     torch.library.opcheck(gdn2_step, (q, k, v, gk, b, w, state, 0.5, True))
-    cache_k, cache_v = torch.randn(2, 1, 6, 4, generator=gen), torch.randn(2, 1, 6, 4, generator=gen)
-    index = torch.tensor([2, 5])[:, None, None, None].expand(2, 1, 1, 4)
-    torch.library.opcheck(kv_cache_write, (cache_k, cache_v, index, k[:, :, :1], v[:, :, :1]))
+    cache = torch.randn(2, 2, 1, 6, 4, generator=gen)  # KVCache.kv
+    index = torch.tensor([2, 5])[None, :, None, None, None].expand(2, 2, 1, 1, 4)
+    new = torch.stack([k[:, :, :1], v[:, :, :1]])
+    expected = cache.clone()
+    expected[:, 0, :, 2], expected[:, 1, :, 5] = new[:, 0, :, 0], new[:, 1, :, 0]
+    torch.library.opcheck(kv_cache_write, (cache, index, new))
+    kv_cache_write(cache, index, new)
+    torch.testing.assert_close(cache, expected)
     mask = torch.arange(6) <= torch.tensor([2, 5]).unsqueeze(1)
-    torch.library.opcheck(decode_sdpa, (q.transpose(1, 2), cache_k, cache_v, mask[:, None, None, :], True))
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[:, None, None, :]
+    torch.library.opcheck(decode_sdpa, (q.transpose(1, 2), cache[0], cache[1], bias, True))
 
 
 def test_compiled_decode_step_matches_eager():

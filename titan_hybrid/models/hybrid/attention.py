@@ -31,16 +31,15 @@ from .fused import LinearGroup, project
 # whole cache per token (seen in Inductor's output code).
 
 
-@torch.library.custom_op("titan_hybrid::kv_cache_write", mutates_args=("cache_k", "cache_v"))
-def kv_cache_write(cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> None:  # fmt: skip
-    """Write each row's new key and value ``[B, KV, 1, D]`` into the caches at slot ``index``."""
-    cache_k.scatter_(2, index, k)
-    cache_v.scatter_(2, index, v)
+@torch.library.custom_op("titan_hybrid::kv_cache_write", mutates_args=("cache",))
+def kv_cache_write(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+    """Write each row's new key and value ``new [2, B, KV, 1, D]`` into ``KVCache.kv`` at the
+    slots ``index`` (same shape): one scatter kernel for both."""
+    cache.scatter_(3, index, new)
 
 
 @kv_cache_write.register_fake
-def _(cache_k, cache_v, index, k, v):
+def _(cache, index, new):
     return None
 
 
@@ -255,10 +254,10 @@ class Attention(nn.Module):
         src = torch.where(filled, p + (T - prompt.lengths).unsqueeze(1), 0)  # index into the padded row
         index = src[:, None, :, None].expand(B, self.n_kv_heads, slots, self.head_dim)
         keep = filled[:, None, :, None]
-        cache = KVCache(k=k.gather(2, index) * keep, v=v.gather(2, index) * keep)
+        k, v = k.gather(2, index) * keep, v.gather(2, index) * keep
         if self.sink_k is not None:
-            cache = KVCache(k=torch.cat([self._sink_keys(B, k.dtype), cache.k], 2), v=F.pad(cache.v, (0, 0, 1, 0)))
-        return out, cache
+            k, v = torch.cat([self._sink_keys(B, k.dtype), k], 2), F.pad(v, (0, 0, 1, 0))
+        return out, KVCache(kv=torch.stack([k, v]))
 
     def _sink_keys(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         return self.sink_k.to(dtype).expand(batch, -1, -1).unsqueeze(2)  # [B, KV, 1, D]
@@ -270,7 +269,7 @@ class Attention(nn.Module):
     def empty_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         slots = self.cache_slots(capacity) + (self.sink_k is not None)
         shape = (batch, self.n_kv_heads, slots, self.head_dim)
-        cache = KVCache(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device))
+        cache = KVCache(kv=torch.zeros(2, *shape, dtype=dtype, device=device))
         if self.sink_k is not None:
             cache.k[:, :, :1] = self._sink_keys(batch, dtype)
         return cache
@@ -287,12 +286,15 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, rope, positions.unsqueeze(1))  # [B, H|KV, 1, D]
         sink = int(self.sink_k is not None)
         slots = cache.k.shape[2] - sink
-        index = (sink + positions % slots)[:, None, None, None].expand(B, self.n_kv_heads, 1, self.head_dim)
-        kv_cache_write(cache.k, cache.v, index, k, v)
+        index = (sink + positions % slots)[None, :, None, None, None].expand(2, B, self.n_kv_heads, 1, self.head_dim)
+        kv_cache_write(cache.kv, index, torch.stack([k, v]))
         valid = torch.arange(slots + sink, device=x.device) <= (positions + sink).unsqueeze(1)  # [B, sink + slots]
         mask = valid[:, None, None, :]
         if self.softcap:
             o = softcapped_attention(q, cache.k, cache.v, mask, self.softcap)
         else:
-            o = decode_sdpa(q, cache.k, cache.v, mask, self.n_heads != self.n_kv_heads)
+            # The additive form SDPA would convert a boolean mask to inside each layer's call; made
+            # here, a compiled step computes it once for all layers of the same cache shape.
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(~mask, float("-inf"))
+            o = decode_sdpa(q, cache.k, cache.v, bias, self.n_heads != self.n_kv_heads)
         return self._output(o, v)

@@ -70,15 +70,24 @@ class RecurrentState:
 
 @dataclass
 class KVCache:
-    """Rotated keys and values ``[B, KV, slots, D]``. Position ``p`` lives in slot ``p % slots``:
+    """Rotated keys and values ``[B, KV, slots, D]``, stacked in one buffer ``kv [2, B, KV, slots, D]``
+    so that a decode step writes both with one kernel. Position ``p`` lives in slot ``p % slots``:
     with a window the slots are a ring of ``attn_window`` entries, otherwise ``slots`` is the
     capacity and never wraps. With an attention sink, slot 0 before them holds the sink key
     (value 0), so one masked attention over the cache includes it."""
 
-    k: Tensor
-    v: Tensor
+    kv: Tensor
+
+    @property
+    def k(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[1]
 
     def tensors(self) -> list[Tensor]:
+        """Views with the batch first (what snapshots, beam reordering and byte counts walk)."""
         return [self.k, self.v]
 
 

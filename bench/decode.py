@@ -231,7 +231,7 @@ def measure(cli: argparse.Namespace) -> int:
 
 def plot(paths: list[str], png: str) -> None:
     """Eager (CUDA graph) rows as lines, the first per case (a sweep's file first); compiled
-    (default mode) rows as stars, the newest per case."""
+    (default mode, default BLAS) rows as stars, the newest per case."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +244,11 @@ def plot(paths: list[str], png: str) -> None:
         if not r.get("compile"):
             eager.setdefault((r["model"], r["batch"], r["length"]), r)
     rows = list(eager.values())
-    compiled = {(r["model"], r["batch"], r["length"]): r for r in timed if r.get("compile") == "default"}
+    compiled = {
+        (r["model"], r["batch"], r["length"]): r
+        for r in timed
+        if r.get("compile") == "default" and r.get("blas", "cublas") == "cublas"
+    }
     fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = dict(zip(MODELS, ["tab:blue", "tab:red", "tab:green"]))
     for name in MODELS:
@@ -267,6 +271,8 @@ def plot(paths: list[str], png: str) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
+    ax_ms.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 6, not 6 x 10^0
+    ax_ms.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax_ms.legend(fontsize=7)
     device = rows[0]["device"] if rows else ""
     fig.suptitle(f"titan-hybrid decoding, 308M dims, bf16, CUDA graph, {device}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train titan-hybrid with torchrun: ./run_train.sh CONFIG.toml [--section.key value ...]
 #
-# Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks),
+# Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks; setting it skips
+# the count, which initialises CUDA),
 # NNODES (default 1), RDZV_ENDPOINT (host:port of the c10d rendezvous, multi-node only; it assigns
 # the node ranks),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
@@ -35,12 +36,16 @@ export TITAN_HYBRID_CACHE_DIR
 cd "$REPO"
 
 PYTHON=${PYTHON:-python3}
-GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-if [[ "$GPUS" -gt 0 ]]; then
-    NGPU=${NGPU:-$GPUS}
-else
-    NGPU=${NGPU:-2}  # CPU: gloo ranks
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [[ -z "${NGPU:-}" ]]; then
+    # Counting GPUs imports torch and initialises CUDA (6.5 s of a fresh H200 machine's start-up,
+    # BENCHMARKS.md), so only when NGPU is not given.
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+    if [[ "$GPUS" -gt 0 ]]; then
+        NGPU=$GPUS
+    else
+        NGPU=2  # CPU: gloo ranks
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    fi
 fi
 NNODES=${NNODES:-1}
 LOG_RANK=${LOG_RANK:-0}

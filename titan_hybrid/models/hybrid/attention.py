@@ -279,8 +279,8 @@ class Attention(nn.Module):
         the cache, attend over the filled slots (and the sink). No host sync: CUDA-graph safe.
 
         One query per head against the whole cache is memory-bound; SDPA with ``enable_gqa``
-        and a boolean mask reads the cache at ~90 % of the H200's bandwidth (bench.decode_attention:
-        4.3 TB/s at batch 16, 64k keys), 1.8x an explicit split-K matmul formulation.
+        and a mask reads the cache at ~90 % of the H200's bandwidth (bench.decode_attention, boolean
+        mask: 4.3 TB/s at batch 16, 64k keys), 1.8x an explicit split-K matmul formulation.
         """
         B = x.shape[0]
         q, k, v = self._qkv(x, rope, positions.unsqueeze(1))  # [B, H|KV, 1, D]

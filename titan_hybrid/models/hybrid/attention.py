@@ -22,7 +22,7 @@ from torchtitan.models.attention import (
 
 from .args import HybridModelArgs
 from .decode_state import KVCache, Prompt
-from .fused import LinearGroup, project
+from .fused import LinearGroup, apply, project
 
 
 # The one-token decode step's cache write and attention as custom ops: torch.compile keeps them as
@@ -175,6 +175,7 @@ class Attention(nn.Module):
         self.sink_k = nn.Parameter(torch.zeros(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
         self.flex = SoftcappedFlexAttention(self.softcap) if self.softcap else FlexAttentionWrapper()
         self.qkv_group: LinearGroup | None = None  # fuse_projections()
+        self.wo_group: LinearGroup | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -184,8 +185,9 @@ class Attention(nn.Module):
             nn.init.zeros_(self.sink_k)  # sink logit 0 at init: softmax with a "+1" in the denominator
 
     def fuse_projections(self) -> None:
-        """Inference: q, k and v as one GEMM."""
+        """Inference: q, k and v as one GEMM; all three GEMMs the decode ones."""
         self.qkv_group = LinearGroup([self.wq, self.wk, self.wv])
+        self.wo_group = LinearGroup([self.wo])
 
     def _qkv(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotated queries ``[B, H, T, D]``, rotated keys and values ``[B, KV, T, D]``."""
@@ -235,7 +237,7 @@ class Attention(nn.Module):
         if self.xsa:
             o = exclusive_self_attention(o, v)
         B, _, T, _ = o.shape
-        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+        return apply(o.transpose(1, 2).reshape(B, T, -1), self.wo, self.wo_group)
 
     # Inference: prefill a prompt into the KV cache, then decode one token at a time.
 

@@ -15,7 +15,7 @@ from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 from .args import HybridModelArgs
 from .decode_state import Prompt, RecurrentState
-from .fused import LinearGroup
+from .fused import LinearGroup, apply
 
 
 class GatedLinearAttention(nn.Module):
@@ -33,6 +33,7 @@ class GatedLinearAttention(nn.Module):
         self.o_norm = nn.RMSNorm(self.value_dim // self.n_heads, eps=args.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, args.dim, bias=False)
         self.input_group: LinearGroup | None = None  # fuse_projections()
+        self.output_group: LinearGroup | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down, self.gk_up):
@@ -44,9 +45,11 @@ class GatedLinearAttention(nn.Module):
     def fuse_projections(self) -> None:
         """Inference: q, k, v, the output gate and the decay's logits as one GEMM, the decay's
         low-rank pair multiplied out (``gk_up.weight @ gk_down.weight``, computed in fp32): a
-        latency-bound decode step runs one GEMM per layer fewer for 1 MB more weights (308M dims)."""
+        latency-bound decode step runs one GEMM per layer fewer for 1 MB more weights (308M dims).
+        Both groups run the decode GEMM, whose q/k/v blocks come out contiguous for fla's kernel."""
         decay = self.gk_up.weight.float() @ self.gk_down.weight.float()
         self.input_group = LinearGroup([self.q_proj, self.k_proj, self.v_proj, self.g_proj], extra=decay)
+        self.output_group = LinearGroup([self.o_proj])
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads."""
@@ -63,7 +66,7 @@ class GatedLinearAttention(nn.Module):
 
     def _output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         B, T = o.shape[:2]
-        return self.o_proj((self.o_norm(o) * F.silu(gate)).reshape(B, T, self.value_dim))
+        return apply((self.o_norm(o) * F.silu(gate)).reshape(B, T, self.value_dim), self.o_proj, self.output_group)
 
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
         *qkvg, gate = self._inputs(x)
@@ -82,6 +85,6 @@ class GatedLinearAttention(nn.Module):
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
         q, k, v, gk, gate = self._inputs(x)
-        # Contiguous here, where a compiled step fuses the copies into Inductor's kernels; inside
-        # the opaque step op (fla's kernel wants them contiguous) they would be 3 more kernels a layer.
+        # fla's kernel wants contiguous heads: the fused decode GEMM writes them so (no copy); unfused,
+        # the copies happen here, where a compiled step folds them into Inductor's kernels.
         return self._output(fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm), gate)

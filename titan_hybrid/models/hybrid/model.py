@@ -15,7 +15,7 @@ from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 from .args import MIXERS, MLPS, HybridModelArgs
 from .attention import Attention, flex_block_mask, rope_cache
 from .decode_state import DecodeState, KVCache, Prompt, RecurrentState
-from .fused import LinearGroup, project
+from .fused import LinearGroup, apply, project
 from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
 
@@ -37,6 +37,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w13_group: LinearGroup | None = None  # fuse_projections()
+        self.w2_group: LinearGroup | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.w1.weight, std=std)
@@ -44,12 +45,13 @@ class SwiGLU(nn.Module):
         nn.init.trunc_normal_(self.w2.weight, std=out_std)
 
     def fuse_projections(self) -> None:
-        """Inference: W1 and W3 as one GEMM."""
+        """Inference: W1 and W3 as one GEMM; both GEMMs the decode ones."""
         self.w13_group = LinearGroup([self.w1, self.w3])
+        self.w2_group = LinearGroup([self.w2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = project(x, [self.w1, self.w3], self.w13_group)
-        return self.w2(F.silu(a) * b)
+        return apply(F.silu(a) * b, self.w2, self.w2_group)
 
 
 class ReLU2(nn.Module):

@@ -1,0 +1,112 @@
+"""The decode step's GEMMs at batch 1 and 16: cuBLAS (``F.linear``) against ``decode_linear_kernel``
+over a sweep of its tilings, each timed as a CUDA graph of ``--layers`` calls on as many distinct
+weights (a model's layers: nothing stays in L2), and the 308M layer's four GEMMs in sequence.
+
+    python -m bench.decode_linear [--out decode_linear.jsonl]
+
+Prints, per shape and batch, cuBLAS, the best tiling and its bandwidth (weight bytes / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from titan_hybrid.ops.decode_linear import launch_decode_linear
+
+# (name, N, K) of the 308M model's decode GEMMs (dim 1024, GLA expand 1, SwiGLU 2048).
+SHAPES = [
+    ("GLA q/k/v/gates/decay", 5120, 1024),
+    ("attention q/k/v", 1536, 1024),
+    ("output projection", 1024, 1024),
+    ("SwiGLU W1/W3", 4096, 1024),
+    ("SwiGLU W2", 1024, 2048),
+    ("tied output head", 49152, 1024),
+]
+TILINGS = [
+    dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
+    for n, k, w, s in itertools.product((16, 32, 64), (128, 256), (2, 4), (3, 5))
+]
+
+
+def graph_ms(calls, replays: int = 50) -> float:
+    """Milliseconds per replay of a CUDA graph running ``calls`` once each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    cli = parser.parse_args()
+    torch.manual_seed(0)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    records = []
+    best = {}
+    for (name, N, K), M in itertools.product(SHAPES, (16, 1)):
+        copies = 4 if N * K > 2**26 else cli.layers  # the head: 4 x 100 MB already spill L2
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        bounds = torch.zeros(1, dtype=torch.int32, device="cuda")
+        expected = F.linear(x, weights[0]).float()
+        cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights]) / copies
+        timed = []
+        for tiling in TILINGS:
+            got = launch_decode_linear(x, weights[0], bounds, **tiling).view(M, N).float()
+            error = ((got - expected).norm() / expected.norm()).item()
+            if error > 1e-2:
+                raise SystemExit(f"{name} M={M} {tiling}: relative error {error:.2e} against F.linear")
+            ms = graph_ms([lambda w=w: launch_decode_linear(x, w, bounds, **tiling) for w in weights]) / copies
+            timed.append((ms, tiling))
+        ms, tiling = min(timed, key=lambda t: t[0])
+        best[(name, M)] = tiling
+        gbytes = N * K * 2 / 1e9
+        record = {"shape": name, "N": N, "K": K, "M": M, "cublas_us": cublas * 1e3, "kernel_us": ms * 1e3,
+                  "tiling": tiling, "kernel_TBps": gbytes / ms, "cublas_TBps": gbytes / cublas, **env}  # fmt: skip
+        records.append(record)
+        print(f"{name:24} M={M:<2} cuBLAS {cublas * 1e3:6.2f} us ({gbytes / cublas:4.2f} TB/s)  kernel "
+              f"{ms * 1e3:6.2f} us ({gbytes / ms:4.2f} TB/s)  {tiling}", flush=True)  # fmt: skip
+    # One GLA layer's four GEMMs, in sequence over the layers, each with its best tiling.
+    layer = [s for s in SHAPES if s[0] not in ("attention q/k/v", "tied output head")]
+    for M in (16, 1):
+        mats = [[torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _, N, K in layer] for _ in range(cli.layers)]
+        xs = {K: torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for K in {K for _, _, K in layer}}
+        bounds = torch.zeros(1, dtype=torch.int32, device="cuda")
+        shapes = [(name, K) for name, _, K in layer]
+        cublas = graph_ms([lambda w=w, K=K: F.linear(xs[K], w) for ws in mats for w, (_, K) in zip(ws, shapes)])
+        ours = graph_ms([lambda w=w, K=K, t=best[(n, M)]: launch_decode_linear(xs[K], w, bounds, **t)
+                         for ws in mats for w, (n, K) in zip(ws, shapes)])  # fmt: skip
+        record = {"shape": f"GLA layer's 4 GEMMs x {cli.layers}", "M": M, "cublas_us": cublas * 1e3,
+                  "kernel_us": ours * 1e3, **env}  # fmt: skip
+        records.append(record)
+        print(f"GLA layer's 4 GEMMs x{cli.layers} M={M}: cuBLAS {cublas * 1e3:.1f} us, kernel {ours * 1e3:.1f} us")
+    if cli.out:
+        with open(cli.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench.decode_attention import timed
 from titan_hybrid.ops.decode_linear import launch_decode_linear
 
 # (name, N, K) of the 308M model's decode GEMMs (dim 1024, GLA expand 1, SwiGLU 2048).
@@ -34,26 +35,9 @@ TILINGS = [
 ]
 
 
-def graph_ms(calls, replays: int = 50) -> float:
-    """Milliseconds per replay of a CUDA graph running ``calls`` once each."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+def graph_ms(calls) -> float:
+    """Milliseconds per CUDA-graph replay of ``calls``, each run once."""
+    return timed(lambda: [call() for call in calls])
 
 
 def main() -> int:

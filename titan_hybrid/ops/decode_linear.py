@@ -1,10 +1,9 @@
 """Decode-time linear: ``x [M, K] @ weight[N, K]^T`` for the few rows of a decode step (M <= 16).
 
-At batch 16 a decode step's GEMMs are latency-bound: cuBLAS (and Inductor's Triton templates)
-tile N coarsely, so a 2-10 MB weight is streamed by a few dozen CTAs, each walking K a tile at a
-time (~5 us a GEMM on an H200, ~25 % of HBM bandwidth). ``decode_linear_kernel`` gives every
-CTA a narrow column block and keeps several K tiles in flight, so each SM reads its share of the
-weight at once.
+At batch 16 a decode step's GEMMs are latency-bound: cuBLAS takes 4.4-5.9 us for each of the
+308M model's 1-10 MB weights on an H200 (10-40 % of HBM bandwidth; BENCHMARKS.md).
+``decode_linear_kernel`` gives every CTA a narrow column block and keeps several K tiles in
+flight: up to 1.3x faster at 16 rows, 2.3x at one.
 
 Its output can be *segmented*: a fused projection's column blocks (GLA's q, k, v, gates) are
 written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent kernels
@@ -26,9 +25,10 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 MAX_ROWS = 16  # tl.dot's smallest tile; a decode step has one row per sequence
 
 
-def decode_linear_torch(x: torch.Tensor, weight: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """``F.linear(x, weight)`` split into contiguous ``[M, width]`` column blocks."""
-    return [part.contiguous() for part in F.linear(x, weight).split(widths, dim=-1)]
+def decode_linear_torch(x: torch.Tensor, weight: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """The kernel's flat output from ``F.linear(x, weight)``: its ``[M, width]`` column blocks one
+    after the other."""
+    return torch.cat([part.flatten() for part in F.linear(x, weight).split(widths, dim=-1)])
 
 
 if triton is not None:
@@ -65,10 +65,11 @@ if triton is not None:
         tl.store(y_ptr + offset, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def decode_tiling(rows: int, n: int, k: int) -> dict:
+def decode_tiling(n: int) -> dict:
     """``launch_decode_linear``'s tiling for a shape, the fastest of ``bench.decode_linear``'s sweep
     on an H200 (BENCHMARKS.md): 16-column blocks of 256-wide K tiles, 5 in flight, for the 308M
-    model's 1-10 MB projections; 64-column blocks for a vocabulary-sized matrix."""
+    model's 1-10 MB projections (at 1 and 16 rows alike); 64-column blocks for a vocabulary-sized
+    matrix."""
     if n >= 16384:
         return dict(block_n=64, block_k=128, num_warps=4, num_stages=5)
     return dict(block_n=16, block_k=256, num_warps=2, num_stages=5)
@@ -105,8 +106,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bounds: torch.Tensor, w
     blocks (``split_segments`` views them): the kernel on CUDA for M <= 16, PyTorch elsewhere."""
     if x.is_cuda and triton is not None and x.shape[0] <= MAX_ROWS:
         with torch.cuda.device(x.device):
-            return launch_decode_linear(x, weight, bounds, **decode_tiling(x.shape[0], *weight.shape))
-    return torch.cat([part.flatten() for part in decode_linear_torch(x, weight, widths)])
+            return launch_decode_linear(x, weight, bounds, **decode_tiling(weight.shape[0]))
+    return decode_linear_torch(x, weight, widths)
 
 
 @decode_linear.register_fake

@@ -3,8 +3,12 @@ over a sweep of its tilings, each timed as a CUDA graph of ``--layers`` calls on
 weights (a model's layers: nothing stays in L2), and the 308M layer's four GEMMs in sequence.
 
     python -m bench.decode_linear [--out decode_linear.jsonl]
+    python -m bench.decode_linear --check                              # on the GPU
+    TRITON_INTERPRET=1 python -m bench.decode_linear --check --device cpu  # without one (fp32)
 
 Prints, per shape and batch, cuBLAS, the best tiling and its bandwidth (weight bytes / time).
+``--check`` runs every decode kernel (segments, pre-norm, log-decay, residual, SwiGLU; bf16 and
+fp32) against its PyTorch path and exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from bench.decode_attention import timed
-from titan_hybrid.ops.decode_linear import launch_decode_linear
+from titan_hybrid.ops.decode_linear import (
+    PreNormed,
+    decode_linear_residual_torch,
+    decode_linear_torch,
+    decode_swiglu_torch,
+    launch_decode_linear,
+    launch_decode_residual,
+    launch_decode_swiglu,
+    segment_bounds,
+)
 
 # (name, N, K) of the 308M model's decode GEMMs (dim 1024, GLA expand 1, SwiGLU 2048).
 SHAPES = [
@@ -40,12 +53,57 @@ def graph_ms(calls) -> float:
     return timed(lambda: [call() for call in calls])
 
 
+def check_kernels(device: str) -> list[str]:
+    """Each kernel against its PyTorch path at 1, 5 and 16 rows, in bf16 and fp32 (``--check``):
+    the mismatches, as lines to print (none: all agree). On the CPU fp32 only: Triton 3.6's
+    interpreter has no bf16 arithmetic."""
+    failures = []
+    K, widths = 256, [64, 32, 64, 48]
+    dtypes = (torch.float32,) if device == "cpu" else (torch.bfloat16, torch.float32)
+    for dtype, M in itertools.product(dtypes, (1, 5, 16)):
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        rand = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+        norm = torch.nn.RMSNorm(K, eps=1e-6, device=device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        stream = PreNormed.of(rand(M, 1, K), norm)
+        x, scaled = stream.x.view(M, K), stream.scaled.view(M, K)
+        rstd = torch.rsqrt(stream.sumsq.sum(0) / K + stream.eps)
+        weight, bias, bounds = rand(sum(widths), K) / K**0.5, rand(widths[-1]), segment_bounds(widths, device)
+        hidden, w2, residual = rand(M, 2 * K), rand(K, 2 * K) / (2 * K) ** 0.5, rand(M, K)
+        cases = {
+            "segments": (launch_decode_linear(x, weight, bounds), decode_linear_torch(x, weight, widths)),
+            "pre-norm + log-decay": (
+                launch_decode_linear(scaled, weight, bounds, stream.sumsq, stream.eps, (bias, 0.5)),
+                decode_linear_torch(scaled, weight, widths, rstd, (bias, 0.5)),
+            ),
+            "residual": (launch_decode_residual(hidden, w2, residual, None),
+                         decode_linear_residual_torch(hidden, w2, residual, None)),  # fmt: skip
+            "residual + next norm": (launch_decode_residual(hidden, w2, residual, norm.weight),
+                                     decode_linear_residual_torch(hidden, w2, residual, norm.weight)),  # fmt: skip
+            "SwiGLU": ((launch_decode_swiglu(scaled, weight[:200], stream.sumsq, stream.eps),),
+                       (decode_swiglu_torch(scaled, weight[:200], rstd),)),  # fmt: skip
+        }
+        for name, (got, want) in cases.items():
+            for g, w in zip(got, want, strict=True):
+                error = ((g.float() - w.float()).norm() / w.float().norm()).item() if w.numel() else 0.0
+                if g.shape != w.shape or not error <= tol:
+                    failures.append(f"{name} {dtype} M={M}: relative error {error:.2e}, shapes {g.shape} / {w.shape}")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--check", action="store_true", help="check the kernels against their PyTorch paths, then exit")
+    parser.add_argument("--device", default="cuda", help="--check on this device (cpu: under TRITON_INTERPRET=1)")
     cli = parser.parse_args()
     torch.manual_seed(0)
+    if cli.check:
+        failures = check_kernels(cli.device)
+        print("\n".join(failures) or "decode kernels match their PyTorch paths", flush=True)
+        return 1 if failures else 0
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     records = []
     best = {}
@@ -58,7 +116,7 @@ def main() -> int:
         cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights]) / copies
         timed = []
         for tiling in TILINGS:
-            got = launch_decode_linear(x, weights[0], bounds, **tiling).view(M, N).float()
+            got = launch_decode_linear(x, weights[0], bounds, **tiling)[0].view(M, N).float()
             error = ((got - expected).norm() / expected.norm()).item()
             if error > 1e-2:
                 raise SystemExit(f"{name} M={M} {tiling}: relative error {error:.2e} against F.linear")

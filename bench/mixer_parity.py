@@ -13,7 +13,7 @@ autograd Function, eager) on the same GPU inputs, as ``o_fla``, ``dq_fla``, ...:
 Decoding kernels (``decode`` cases): the chunk kernel's prefill with its final state, then
 fla's ``fused_recurrent_*`` kernels one token at a time, against the CPU paths (outputs and final
 state); and per pattern the model's prefill + CUDA-graph decode steps (``titan_hybrid.generate``'s
-``DecodeStep``, weights cast to the dtype as ``generate`` does) against CPU fp32 logits. Prints a Markdown
+``DecodeStep``, weights cast to the dtype and projections fused as ``generate`` does) against CPU fp32 logits. Prints a Markdown
 table, writes one JSON line per case to ``--out``, and exits non-zero if an
 error exceeds the tolerance (fp32 kernels use TF32 dots: 2e-3; bf16: 2e-2).
 
@@ -219,6 +219,7 @@ def model_decode_case(pattern: str, dtype: torch.dtype) -> dict:
     gpu_model.load_state_dict(model.state_dict())
     gpu_model = gpu_model.to(dtype).eval()
     gpu_model.rope = gpu_model._rope(device="cuda")
+    gpu_model.fuse_projections()  # as generate does: the decode GEMMs with the blocks' norms and residuals
     out = run(gpu_model, "cuda", graph=True)
     return {"logits_prefill": rel_err(out[0], ref[0]), "logits_decode": rel_err(out[1:], ref[1:])}
 

@@ -156,7 +156,9 @@ def test_decode_step_ops_declare_their_state_mutation():
 
 def test_compiled_decode_step_matches_eager():
     """``DecodeStep(compile_mode=...)``: the whole step as one graph (fullgraph), every mixer kind, over
-    several steps, so a state update lost inside the compiled graph would show."""
+    several steps, so a state update lost inside the compiled graph would show; with the projections
+    fused (as ``generate`` runs it: the fused blocks' norms and residuals inside the decode GEMM ops)
+    against the plain eager step."""
     model = _model(**CASES["mixed"])
     tokens = torch.randint(0, BASE.vocab_size, (3, 7), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -164,6 +166,7 @@ def test_compiled_decode_step_matches_eager():
         saved = state.snapshot()
         eager = [model.decode_step(tokens[:, i], state) for i in range(3, 7)]
         state.restore(saved)
+        model.fuse_projections()
         step = DecodeStep(model, state, compile_mode="default")
         for i, expected in zip(range(3, 7), eager):
             torch.testing.assert_close(step(tokens[:, i]), expected, rtol=1e-4, atol=1e-5)

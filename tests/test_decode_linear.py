@@ -1,19 +1,35 @@
-"""ops.decode_linear: the decode GEMM's segmented output and its custom op (the PyTorch path; the
-Triton kernel is checked against F.linear on the GPU by bench.decode_linear and bench.mixer_parity)."""
+"""ops.decode_linear: the decode GEMMs' outputs and custom ops (the PyTorch paths; the Triton kernels
+are checked against these on the GPU by bench.decode_linear and bench.mixer_parity, and under
+TRITON_INTERPRET by ``check_kernels``)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from titan_hybrid.models.hybrid.fused import LinearGroup
-from titan_hybrid.ops.decode_linear import decode_linear, segment_bounds, split_segments
+from titan_hybrid.ops.decode_linear import (
+    SUMSQ_BLOCK,
+    PreNormed,
+    decode_linear,
+    decode_linear_residual,
+    decode_swiglu,
+    segment_bounds,
+    split_segments,
+)
+
+
+def _normed_stream(rows: int = 5, dim: int = 40) -> tuple[PreNormed, nn.RMSNorm]:
+    norm = nn.RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return PreNormed.of(torch.randn(rows, 1, dim), norm), norm
 
 
 def test_segments_are_contiguous_column_blocks_of_the_product():
     x, weight = torch.randn(5, 24), torch.randn(40, 24)
     widths = [8, 24, 8]
-    flat = decode_linear(x, weight, segment_bounds(widths, x.device), widths)
-    assert flat.shape == (5 * 40,)
+    flat, log_decay = decode_linear(x, weight, segment_bounds(widths, x.device), widths)
+    assert flat.shape == (5 * 40,) and log_decay.numel() == 0
     blocks = split_segments(flat, 5, widths)
     assert all(block.is_contiguous() for block in blocks)
     for block, expected in zip(blocks, F.linear(x, weight).split(widths, dim=-1)):
@@ -21,9 +37,51 @@ def test_segments_are_contiguous_column_blocks_of_the_product():
     assert segment_bounds(widths, x.device).tolist() == [0, 8, 32]
 
 
-def test_decode_linear_passes_opcheck():
+def test_decay_segment_comes_back_activated_in_fp32():
+    x, weight, bias = torch.randn(3, 16).bfloat16(), torch.randn(20, 16).bfloat16(), torch.randn(8).bfloat16()
+    widths = [4, 8, 8]
+    flat, log_decay = decode_linear(x, weight, segment_bounds(widths, x.device), widths, decay_bias=bias, decay_scale=0.25)
+    y = F.linear(x, weight)
+    assert flat.shape == (3 * 12,) and log_decay.dtype == torch.float32 and log_decay.shape == (3, 8)
+    torch.testing.assert_close(log_decay, F.logsigmoid(y[:, 12:].float() + bias) * 0.25)
+    assert (log_decay <= 0).all()
+
+
+def test_pre_normed_stream_gives_the_products_of_the_rms_norm():
+    stream, norm = _normed_stream()
+    weight = torch.randn(24, 40)
+    normed = norm(stream.x).reshape(5, 40)
+    flat, _ = decode_linear(stream.scaled.reshape(5, 40), weight, segment_bounds([24], "cpu"), [24], stream.sumsq, stream.eps)
+    torch.testing.assert_close(flat.view(5, 24), F.linear(normed, weight))
+    w13 = torch.randn(2 * 12, 40)
+    a, b = F.linear(normed, w13).chunk(2, dim=-1)
+    torch.testing.assert_close(decode_swiglu(stream.scaled.reshape(5, 40), w13, stream.sumsq, stream.eps), F.silu(a) * b)
+
+
+def test_residual_output_is_the_next_norms_pre_normed_stream():
+    """The residual GEMM's ``scaled`` and ``sumsq`` (per 16-column block) are ``PreNormed.of`` its output."""
+    _, next_norm = _normed_stream(dim=40)
+    x, weight, residual = torch.randn(5, 24), torch.randn(40, 24), torch.randn(5, 40)
+    y, scaled, sumsq = decode_linear_residual(x, weight, residual, next_norm.weight)
+    torch.testing.assert_close(y, residual + F.linear(x, weight))
+    expected = PreNormed.of(y.view(5, 1, 40), next_norm)
+    assert sumsq.shape == (-(-40 // SUMSQ_BLOCK), 5)
+    torch.testing.assert_close(scaled.view(5, 1, 40), expected.scaled)
+    torch.testing.assert_close(sumsq.sum(0, keepdim=True), expected.sumsq)
+    y_only, scaled, sumsq = decode_linear_residual(x, weight, residual)
+    torch.testing.assert_close(y_only, y)
+    assert scaled.numel() == sumsq.numel() == 0
+
+
+def test_decode_ops_pass_opcheck():
     widths = [4, 12]
-    torch.library.opcheck(decode_linear, (torch.randn(3, 8), torch.randn(16, 8), segment_bounds(widths, "cpu"), widths))
+    x, weight, bounds = torch.randn(3, 8), torch.randn(16, 8), segment_bounds(widths, "cpu")
+    sumsq = torch.rand(2, 3) + 0.5
+    torch.library.opcheck(decode_linear, (x, weight, bounds, widths))
+    torch.library.opcheck(decode_linear, (x, weight, bounds, widths, sumsq, 1e-5, torch.randn(12), 0.5))
+    torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16), torch.rand(16)))
+    torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16)))
+    torch.library.opcheck(decode_swiglu, (x, weight, sumsq, 1e-5))
 
 
 def test_linear_group_decode_rows_match_the_unfused_linears():

@@ -1,20 +1,32 @@
-"""Decode-time linear: ``x [M, K] @ weight[N, K]^T`` for the few rows of a decode step (M <= 16).
+"""Decode-time linears: ``x [M, K] @ weight[N, K]^T`` for the few rows of a decode step (M <= 16),
+with the work that sits between a block's GEMMs done in their prologue and epilogue.
 
 At batch 16 a decode step's GEMMs are latency-bound: cuBLAS takes 4.4-5.9 us for each of the
-308M model's 1-10 MB weights on an H200 (10-40 % of HBM bandwidth; BENCHMARKS.md).
-``decode_linear_kernel`` gives every CTA a narrow column block and keeps several K tiles in
-flight: up to 1.3x faster at 16 rows, 2.3x at one.
+308M model's 1-10 MB weights on an H200 (10-40 % of HBM bandwidth; BENCHMARKS.md). The kernels
+here give every CTA a narrow column block and keep several K tiles in flight: up to 1.3x faster
+at 16 rows, 2.3x at one. Every small kernel between them costs ~2-3 us as well, so they also
+take over the block's elementwise work where it costs the weight stream nothing:
 
-Its output can be *segmented*: a fused projection's column blocks (GLA's q, k, v, gates) are
-written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent kernels
-that want contiguous heads read them without a copy. ``decode_linear_torch`` is the reference
-and the path off CUDA (and for M > 16, where cuBLAS is the right tool).
+- the pre-norm: ``RMSNorm(x) @ W^T = rstd * ((x * g) @ W^T)``. The GEMM that *writes* the
+  residual stream also writes ``x * g`` (``g``: the next norm's weight) and per-row partial sums
+  of ``x^2``; the GEMM that reads it multiplies its product by ``rstd`` (``PreNormed``);
+- the residual add (``decode_linear_residual``), SwiGLU's ``silu(a) * b`` (``decode_swiglu``)
+  and GLA's log-decay ``logsigmoid(logits + bias) * scale`` in fp32 (``decode_linear``'s
+  ``decay`` segment).
+
+``decode_linear``'s output can be *segmented*: a fused projection's column blocks (GLA's q, k, v,
+gates) are written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent
+kernels that want contiguous heads read them without a copy. Each op has its PyTorch path
+(``*_torch``): the reference, and the path off CUDA and for M > 16.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 try:  # Triton is optional on CPU-only installs.
     import triton
@@ -23,40 +35,160 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
 
 MAX_ROWS = 16  # tl.dot's smallest tile; a decode step has one row per sequence
+SUMSQ_BLOCK = 16  # columns per partial sum of squares (the residual kernel's column block)
 
 
-def decode_linear_torch(x: torch.Tensor, weight: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """The kernel's flat output from ``F.linear(x, weight)``: its ``[M, width]`` column blocks one
-    after the other."""
-    return torch.cat([part.flatten() for part in F.linear(x, weight).split(widths, dim=-1)])
+@dataclass
+class PreNormed:
+    """A decode step's residual stream on its way into a pre-norm GEMM: ``RMSNorm(x)`` without the
+    norm's own kernel. ``scaled = x * norm.weight`` and ``sumsq [P, M]``: partial sums of
+    ``x^2`` over column blocks (fp32), which the GEMM adds up for ``rstd``."""
+
+    x: Tensor  # [B, 1, dim]: the residual stream itself
+    scaled: Tensor  # like x
+    sumsq: Tensor  # [P, B * 1]
+    eps: float
+
+    @classmethod
+    def of(cls, x: Tensor, norm: torch.nn.RMSNorm) -> PreNormed:
+        """From a residual stream that no fused GEMM wrote (the embeddings, an unfused block's output)."""
+        return cls(x, x * norm.weight, x.float().square().sum(-1).reshape(1, -1), norm_eps(norm))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The stream's shape: a mixer reads ``B, T`` from either form of its input."""
+        return self.x.shape
+
+
+def norm_eps(norm: torch.nn.RMSNorm) -> float:
+    """The eps ``nn.RMSNorm`` uses (``None``: the dtype's machine epsilon)."""
+    return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+
+
+def segment_bounds(widths: list[int], device: torch.device) -> Tensor:
+    """``decode_linear``'s ``bounds``: 0, then each later segment's first column (int32)."""
+    starts = [0]
+    for width in widths[:-1]:
+        starts.append(starts[-1] + width)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def split_segments(flat: Tensor, rows: int, widths: list[int]) -> list[Tensor]:
+    """``decode_linear``'s flat output as its ``[rows, width]`` blocks (views)."""
+    return [block.view(rows, width) for block, width in zip(flat.split([rows * w for w in widths]), widths)]
+
+
+def sumsq_partials(y: Tensor) -> Tensor:
+    """``[P, M]`` sums of ``y [M, N]``'s squares over ``SUMSQ_BLOCK``-column blocks, as the residual
+    kernel writes them (fp32, from ``y`` as stored)."""
+    M, N = y.shape
+    squares = F.pad(y.float().square(), (0, -N % SUMSQ_BLOCK))
+    return squares.view(M, -1, SUMSQ_BLOCK).sum(-1).T.contiguous()
+
+
+# The PyTorch paths. ``rstd``: ``PreNormed.rstd()`` of the input, or None without a pre-norm.
+
+
+def _product(x: Tensor, weight: Tensor, rstd: Tensor | None) -> Tensor:
+    y = F.linear(x, weight)
+    return y if rstd is None else (y.float() * rstd[:, None]).to(y.dtype)
+
+
+def decode_linear_torch(
+    x: Tensor, weight: Tensor, widths: list[int], rstd: Tensor | None = None, decay: tuple[Tensor, float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The flat output (the ``[M, width]`` column blocks one after the other; with ``decay`` all but
+    the last) and the last block as ``logsigmoid(y + bias) * scale`` in fp32 (empty without)."""
+    parts = _product(x, weight, rstd).split(widths, dim=-1)
+    if decay is None:
+        return torch.cat([part.flatten() for part in parts]), x.new_empty(0, dtype=torch.float32)
+    bias, scale = decay
+    log_decay = F.logsigmoid(parts[-1].float() + bias) * scale
+    return torch.cat([part.flatten() for part in parts[:-1]]), log_decay.contiguous()
+
+
+def decode_linear_residual_torch(
+    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``residual + x @ weight^T``; with the next norm's weight also its ``scaled`` and ``sumsq``."""
+    y = residual + F.linear(x, weight)
+    if norm_weight is None:
+        return y, y.new_empty(0), y.new_empty(0, dtype=torch.float32)
+    return y, y * norm_weight, sumsq_partials(y)
+
+
+def decode_swiglu_torch(x: Tensor, weight: Tensor, rstd: Tensor | None) -> Tensor:
+    """``silu(a) * b`` of ``[a, b] = x @ weight^T`` (``weight``: W1's rows, then W3's)."""
+    a, b = _product(x, weight, rstd).float().chunk(2, dim=-1)
+    return (F.silu(a) * b).to(x.dtype)
 
 
 if triton is not None:
 
     @triton.jit
-    def decode_linear_kernel(
-        x_ptr, w_ptr, y_ptr, bounds_ptr, M, N, stride_xm,
-        K: tl.constexpr, N_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """One CTA per ``BLOCK_N`` output columns, all M rows; fp32 accumulation (fp32 inputs in
-        full fp32, not TF32: the fp32 model is the decode step's reference). Column ``n`` of
-        segment ``[lo, hi)`` lands at ``M * lo + m * (hi - lo) + (n - lo)`` of the flat output."""
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, rows_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):  # fmt: skip
+        """``x[offs_m] @ w[rows]^T`` in fp32, K tiles pipelined (fp32 inputs in full fp32, not
+        TF32: the fp32 model is the decode step's reference)."""
         offs_k = tl.arange(0, BLOCK_K)
-        row_ok = offs_m < M
-        col_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((offs_m.shape[0], rows.shape[0]), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + offs_k)[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                        mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            w = tl.load(w_ptr + rows[:, None] * K + (k0 + offs_k)[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        return acc
+
+    # The epilogues' operands (partial sums of squares, biases, residuals, norm weights) are loaded
+    # before the K loop and used after it: loaded after it, each would add a memory latency (~1 us)
+    # to a kernel that lasts 3-5 us.
+
+    @triton.jit
+    def _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P: tl.constexpr):
+        """The ``[P, M]`` partial sums of squares, as a ``[BLOCK_P, BLOCK_M]`` tile (zeros past P)."""
+        offs_p = tl.arange(0, BLOCK_P)
+        return tl.load(sumsq_ptr + offs_p[:, None] * M + offs_m[None, :],
+                       mask=(offs_p < P)[:, None] & (offs_m < M)[None, :], other=0.0)  # fmt: skip
+
+    @triton.jit
+    def _rstd(partials, eps, K: tl.constexpr):
+        """``rsqrt(mean(x^2) + eps)`` per row."""
+        return tl.rsqrt(tl.sum(partials, axis=0) / K + eps)
+
+    @triton.jit
+    def decode_linear_kernel(
+        x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, M, N, P, stride_xm, eps, decay_from,
+        decay_scale, K: tl.constexpr, N_SEGMENTS: tl.constexpr, NORM: tl.constexpr, DECAY: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One CTA per ``BLOCK_N`` output columns, all M rows. Column ``n`` of segment ``[lo, hi)``
+        lands at ``M * lo + m * (hi - lo) + (n - lo)`` of the flat output; the columns from
+        ``decay_from`` on (none without ``DECAY``: ``decay_from = N``) go to ``decay_ptr`` (fp32,
+        activated) instead."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = offs_m < M
+        col_ok = offs_n < N
+        decayed = offs_n >= decay_from
+        if NORM:
+            partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
+        if DECAY:
+            bias = tl.load(bias_ptr + offs_n - decay_from, mask=col_ok & decayed, other=0.0).to(tl.float32)
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, K, BLOCK_K, PRECISION)
+        if NORM:
+            acc = acc * _rstd(partials, eps, K)[:, None]
+        if DECAY:
+            logits = acc + bias[None, :]
+            log_decay = tl.minimum(logits, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(logits)))  # logsigmoid, stable
+            width = N - decay_from
+            tl.store(decay_ptr + offs_m[:, None] * width + (offs_n - decay_from)[None, :], log_decay * decay_scale,
+                     mask=row_ok[:, None] & (col_ok & decayed)[None, :])  # fmt: skip
+            col_ok = col_ok & ~decayed
         lo = tl.zeros((BLOCK_N,), dtype=tl.int32)
-        hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + N
+        hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + decay_from
         for s in tl.static_range(1, N_SEGMENTS):
             bound = tl.load(bounds_ptr + s)
             lo = tl.where(offs_n >= bound, bound, lo)
@@ -64,9 +196,57 @@ if triton is not None:
         offset = M * lo[None, :] + offs_m[:, None] * (hi - lo)[None, :] + (offs_n - lo)[None, :]
         tl.store(y_ptr + offset, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def decode_residual_kernel(
+        x_ptr, w_ptr, res_ptr, y_ptr, scaled_ptr, sumsq_ptr, g_ptr, M, N, stride_xm, K: tl.constexpr,
+        NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """``y = residual + x @ w^T`` for ``BLOCK_N`` columns; with ``NEXT_NORM`` also ``y * g`` and
+        the CTA's per-row sum of ``y^2`` (row ``program_id`` of ``sumsq [P, M]``)."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        mask = (offs_m < M)[:, None] & col_ok[None, :]
+        at = offs_m[:, None] * N + offs_n[None, :]
+        residual = tl.load(res_ptr + at, mask=mask, other=0.0)
+        if NEXT_NORM:
+            g = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, K, BLOCK_K, PRECISION)
+        y = (acc + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + at, y, mask=mask)
+        if NEXT_NORM:
+            stored = y.to(tl.float32)
+            tl.store(scaled_ptr + at, (stored * g[None, :]).to(scaled_ptr.dtype.element_ty), mask=mask)
+            tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(stored * stored, axis=1), mask=offs_m < M)
+
+    @triton.jit
+    def decode_swiglu_kernel(
+        x_ptr, w_ptr, y_ptr, sumsq_ptr, M, H, P, stride_xm, eps, K: tl.constexpr, NORM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """``silu(a) * b`` for ``BLOCK_N // 2`` hidden columns ``n``: one product tile over W1's rows
+        ``n`` and W3's rows ``H + n`` (so a CTA streams ``BLOCK_N`` weight rows, as the plain kernel)."""
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_N)
+        hidden = tl.program_id(0) * HALF + offs_c % HALF
+        rows = hidden + (offs_c >= HALF).to(tl.int32) * H
+        if NORM:
+            partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, hidden < H, K, BLOCK_K, PRECISION)
+        if NORM:
+            acc = acc * _rstd(partials, eps, K)[:, None]
+        a, b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        y = a * tl.sigmoid(a) * b
+        offs_h = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        mask = (offs_m < M)[:, None] & (offs_h < H)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 def decode_tiling(n: int) -> dict:
-    """``launch_decode_linear``'s tiling for a shape, the fastest of ``bench.decode_linear``'s sweep
+    """A decode GEMM's tiling for ``n`` output columns, the fastest of ``bench.decode_linear``'s sweep
     on an H200 (BENCHMARKS.md): 16-column blocks of 256-wide K tiles, 5 in flight, for the 308M
     model's 1-10 MB projections (at 1 and 16 rows alike); 64-column blocks for a vocabulary-sized
     matrix."""
@@ -75,46 +255,139 @@ def decode_tiling(n: int) -> dict:
     return dict(block_n=16, block_k=256, num_warps=2, num_stages=5)
 
 
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _on_kernel(x: Tensor) -> bool:
+    return x.is_cuda and triton is not None and x.shape[0] <= MAX_ROWS
+
+
+def _norm_args(sumsq: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
+    """``sumsq`` (a placeholder without a norm), its number of partials and their block size."""
+    if sumsq is None:
+        return x, 0, 1
+    return sumsq, sumsq.shape[0], triton.next_power_of_2(sumsq.shape[0])
+
+
 def launch_decode_linear(
-    x: torch.Tensor, weight: torch.Tensor, bounds: torch.Tensor, block_n: int = 16, block_k: int = 256,
-    num_warps: int = 2, num_stages: int = 5,
-) -> torch.Tensor:  # fmt: skip
-    """The kernel on ``x [M, K]`` (M <= 16, unit stride in K), a contiguous ``weight [N, K]`` and
-    ``bounds`` (int32: 0, then each segment's first column); the flat output ``[M * N]``."""
+    x: Tensor, weight: Tensor, bounds: Tensor, sumsq: Tensor | None = None, eps: float = 0.0,
+    decay: tuple[Tensor, float] | None = None, block_n: int = 16, block_k: int = 256, num_warps: int = 2,
+    num_stages: int = 5,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``decode_linear_kernel`` on ``x [M, K]`` (M <= 16, unit stride in K), a contiguous
+    ``weight [N, K]``, ``bounds`` (int32: 0, then each segment's first column)."""
     M, K = x.shape
     N = weight.shape[0]
-    y = x.new_empty(M * N)
+    if decay is None:
+        bias, scale, decay_from, log_decay = x, 1.0, N, x.new_empty(0, dtype=torch.float32)
+    else:
+        bias, scale = decay
+        decay_from = N - bias.numel()
+        log_decay = x.new_empty(M, N - decay_from, dtype=torch.float32)
+    y = x.new_empty(M * decay_from)
+    sumsq, P, block_p = _norm_args(sumsq, x)
     decode_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, y, bounds, M, N, x.stride(0),
-        K=K, N_SEGMENTS=bounds.numel(), BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        x, weight, y, bounds, sumsq, log_decay, bias, M, N, P, x.stride(0), eps, decay_from, scale,
+        K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y, log_decay
+
+
+@torch.library.custom_op("titan_hybrid::decode_linear", mutates_args=())
+def decode_linear(
+    x: Tensor, weight: Tensor, bounds: Tensor, widths: list[int], sumsq: Tensor | None = None, eps: float = 0.0,
+    decay_bias: Tensor | None = None, decay_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``x [M, K] @ weight^T`` as the flat concatenation of its contiguous ``[M, width]`` column
+    blocks (``split_segments`` views them). ``sumsq``: ``x`` is a ``PreNormed.scaled`` and the
+    product is multiplied by its rows' ``rstd``. ``decay_bias``: the last block comes back
+    separately as GLA's log-decay ``logsigmoid(y + bias) * decay_scale`` (fp32; empty without)."""
+    decay = None if decay_bias is None else (decay_bias, decay_scale)
+    if _on_kernel(x):
+        with torch.cuda.device(x.device):
+            return launch_decode_linear(x, weight, bounds, sumsq, eps, decay, **decode_tiling(weight.shape[0]))
+    rstd = None if sumsq is None else torch.rsqrt(sumsq.sum(0) / x.shape[-1] + eps)
+    return decode_linear_torch(x, weight, widths, rstd, decay)
+
+
+@decode_linear.register_fake
+def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_scale=1.0):
+    M, N = x.shape[0], weight.shape[0]
+    if decay_bias is None:
+        return x.new_empty(M * N), x.new_empty(0, dtype=torch.float32)
+    width = decay_bias.numel()
+    return x.new_empty(M * (N - width)), x.new_empty(M, width, dtype=torch.float32)
+
+
+def launch_decode_residual(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None
+                           ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``decode_residual_kernel`` (``SUMSQ_BLOCK``-column CTAs, otherwise ``decode_tiling``'s)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty_like(residual)
+    if norm_weight is None:
+        scaled, sumsq, g = y.new_empty(0), y.new_empty(0, dtype=torch.float32), y
+    else:
+        scaled, sumsq, g = torch.empty_like(y), y.new_empty(triton.cdiv(N, SUMSQ_BLOCK), M, dtype=torch.float32), norm_weight
+    tiling = decode_tiling(N)
+    decode_residual_kernel[(triton.cdiv(N, SUMSQ_BLOCK),)](
+        x, weight, residual, y, scaled, sumsq, g, M, N, x.stride(0),
+        K=K, NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=tiling["block_k"],
+        PRECISION=_precision(x), num_warps=tiling["num_warps"], num_stages=tiling["num_stages"],
+    )  # fmt: skip
+    return y, scaled, sumsq
+
+
+def launch_decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float) -> Tensor:
+    """``decode_swiglu_kernel`` with ``decode_tiling``'s tiling for W1 and W3's rows."""
+    M, K = x.shape
+    H = weight.shape[0] // 2
+    y = x.new_empty(M, H)
+    sumsq, P, block_p = _norm_args(sumsq, x)
+    tiling = decode_tiling(2 * H)
+    decode_swiglu_kernel[(triton.cdiv(H, tiling["block_n"] // 2),)](
+        x, weight, y, sumsq, M, H, P, x.stride(0), eps, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS,
+        BLOCK_N=tiling["block_n"], BLOCK_K=tiling["block_k"], BLOCK_P=block_p, PRECISION=_precision(x),
+        num_warps=tiling["num_warps"], num_stages=tiling["num_stages"],
     )  # fmt: skip
     return y
 
 
-def segment_bounds(widths: list[int], device: torch.device) -> torch.Tensor:
-    """``launch_decode_linear``'s ``bounds``: 0, then each later segment's first column (int32)."""
-    starts = [0]
-    for width in widths[:-1]:
-        starts.append(starts[-1] + width)
-    return torch.tensor(starts, dtype=torch.int32, device=device)
-
-
-@torch.library.custom_op("titan_hybrid::decode_linear", mutates_args=())
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bounds: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """``x [M, K] @ weight^T`` as the flat concatenation of its contiguous ``[M, width]`` column
-    blocks (``split_segments`` views them): the kernel on CUDA for M <= 16, PyTorch elsewhere."""
-    if x.is_cuda and triton is not None and x.shape[0] <= MAX_ROWS:
+@torch.library.custom_op("titan_hybrid::decode_linear_residual", mutates_args=())
+def decode_linear_residual(
+    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``residual [M, N] + x [M, K] @ weight^T``, and with ``norm_weight`` (the next pre-norm's) the
+    ``PreNormed`` parts of the result: ``y * norm_weight`` and ``sumsq [cdiv(N, SUMSQ_BLOCK), M]``
+    (both empty without)."""
+    if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_linear(x, weight, bounds, **decode_tiling(weight.shape[0]))
-    return decode_linear_torch(x, weight, widths)
+            return launch_decode_residual(x, weight, residual, norm_weight)
+    return decode_linear_residual_torch(x, weight, residual, norm_weight)
 
 
-@decode_linear.register_fake
-def _(x, weight, bounds, widths):
-    return x.new_empty(x.shape[0] * weight.shape[0])
+@decode_linear_residual.register_fake
+def _(x, weight, residual, norm_weight=None):
+    if norm_weight is None:
+        return torch.empty_like(residual), residual.new_empty(0), residual.new_empty(0, dtype=torch.float32)
+    P = -(-weight.shape[0] // SUMSQ_BLOCK)
+    return torch.empty_like(residual), torch.empty_like(residual), residual.new_empty(P, x.shape[0], dtype=torch.float32)
 
 
-def split_segments(flat: torch.Tensor, rows: int, widths: list[int]) -> list[torch.Tensor]:
-    """``decode_linear``'s flat output as its ``[rows, width]`` blocks (views)."""
-    return [block.view(rows, width) for block, width in zip(flat.split([rows * w for w in widths]), widths)]
+@torch.library.custom_op("titan_hybrid::decode_swiglu", mutates_args=())
+def decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """SwiGLU's hidden ``silu(x @ W1^T) * (x @ W3^T)`` from ``weight = [W1; W3]``, one kernel for
+    both products and the gate; ``sumsq`` as in ``decode_linear``."""
+    if _on_kernel(x):
+        with torch.cuda.device(x.device):
+            return launch_decode_swiglu(x, weight, sumsq, eps)
+    rstd = None if sumsq is None else torch.rsqrt(sumsq.sum(0) / x.shape[-1] + eps)
+    return decode_swiglu_torch(x, weight, rstd)
+
+
+@decode_swiglu.register_fake
+def _(x, weight, sumsq=None, eps=0.0):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2)

@@ -20,6 +20,8 @@ from torchtitan.models.attention import (
     get_sliding_window_mask_mod,
 )
 
+from titan_hybrid.ops.decode_linear import PreNormed
+
 from .args import HybridModelArgs
 from .decode_state import KVCache, Prompt
 from .fused import LinearGroup, apply, project
@@ -175,7 +177,7 @@ class Attention(nn.Module):
         self.sink_k = nn.Parameter(torch.zeros(args.n_kv_heads, self.head_dim)) if args.attn_sink else None
         self.flex = SoftcappedFlexAttention(self.softcap) if self.softcap else FlexAttentionWrapper()
         self.qkv_group: LinearGroup | None = None  # fuse_projections()
-        self.wo_group: LinearGroup | None = None
+        self.output_group: LinearGroup | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -187,9 +189,9 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """Inference: q, k and v as one GEMM; all three GEMMs the decode ones."""
         self.qkv_group = LinearGroup([self.wq, self.wk, self.wv])
-        self.wo_group = LinearGroup([self.wo])
+        self.output_group = LinearGroup([self.wo])
 
-    def _qkv(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _qkv(self, x: torch.Tensor | PreNormed, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotated queries ``[B, H, T, D]``, rotated keys and values ``[B, KV, T, D]``."""
         B, T, _ = x.shape
         q, k, v = project(x, [self.wq, self.wk, self.wv], self.qkv_group)
@@ -234,10 +236,14 @@ class Attention(nn.Module):
 
     def _output(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Heads ``o [B, H, T, D]`` (XSA against the tokens' own values ``v``) to ``[B, T, dim]``."""
+        return apply(self._heads(o, v), self.wo, self.output_group)
+
+    def _heads(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The output projection's input ``[B, T, H * D]``."""
         if self.xsa:
             o = exclusive_self_attention(o, v)
         B, _, T, _ = o.shape
-        return apply(o.transpose(1, 2).reshape(B, T, -1), self.wo, self.wo_group)
+        return o.transpose(1, 2).reshape(B, T, -1)
 
     # Inference: prefill a prompt into the KV cache, then decode one token at a time.
 
@@ -277,8 +283,15 @@ class Attention(nn.Module):
         return cache
 
     def step(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """One token per row ``x [B, 1, dim]`` at ``positions [B]``: write its key and value into
-        the cache, attend over the filled slots (and the sink). No host sync: CUDA-graph safe.
+        """One token per row ``x [B, 1, dim]``; see ``step_heads``."""
+        return apply(self.step_heads(x, cache, positions, rope), self.wo, self.output_group)
+
+    def step_heads(
+        self, x: torch.Tensor | PreNormed, cache: KVCache, positions: torch.Tensor, rope: torch.Tensor
+    ) -> torch.Tensor:
+        """``step`` up to the output projection: one token per row ``x [B, 1, dim]`` at ``positions
+        [B]``: write its key and value into the cache, attend over the filled slots (and the sink).
+        No host sync: CUDA-graph safe.
 
         One query per head against the whole cache is memory-bound; SDPA with ``enable_gqa``
         and a mask reads the cache at ~90 % of the H200's bandwidth (bench.decode_attention, boolean
@@ -290,13 +303,13 @@ class Attention(nn.Module):
         slots = cache.k.shape[2] - sink
         index = (sink + positions % slots)[None, :, None, None, None].expand(2, B, self.n_kv_heads, 1, self.head_dim)
         kv_cache_write(cache.kv, index, torch.stack([k, v]))
-        valid = torch.arange(slots + sink, device=x.device) <= (positions + sink).unsqueeze(1)  # [B, sink + slots]
+        valid = torch.arange(slots + sink, device=q.device) <= (positions + sink).unsqueeze(1)  # [B, sink + slots]
         mask = valid[:, None, None, :]
         if self.softcap:
             o = softcapped_attention(q, cache.k, cache.v, mask, self.softcap)
         else:
             # The additive form SDPA would convert a boolean mask to inside each layer's call; made
             # here, a compiled step computes it once for all layers of the same cache shape.
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(~mask, float("-inf"))
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
             o = decode_sdpa(q, cache.k, cache.v, bias, self.n_heads != self.n_kv_heads)
-        return self._output(o, v)
+        return self._heads(o, v)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titan_hybrid.ops.decode_linear import PreNormed
 from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 from .args import HybridModelArgs
@@ -46,27 +47,34 @@ class GatedLinearAttention(nn.Module):
         """Inference: q, k, v, the output gate and the decay's logits as one GEMM, the decay's
         low-rank pair multiplied out (``gk_up.weight @ gk_down.weight``, computed in fp32): a
         latency-bound decode step runs one GEMM per layer fewer for 1 MB more weights (308M dims).
-        Both groups run the decode GEMM, whose q/k/v blocks come out contiguous for fla's kernel."""
+        Both groups run the decode GEMM, whose q/k/v blocks come out contiguous for fla's kernel,
+        and the log-decay's ``logsigmoid`` runs in its epilogue."""
         decay = self.gk_up.weight.float() @ self.gk_down.weight.float()
-        self.input_group = LinearGroup([self.q_proj, self.k_proj, self.v_proj, self.g_proj], extra=decay)
+        self.input_group = LinearGroup(
+            [self.q_proj, self.k_proj, self.v_proj, self.g_proj], extra=decay,
+            decay=(self.gk_up.bias, 1.0 / self.gate_logit_normalizer),
+        )  # fmt: skip
         self.output_group = LinearGroup([self.o_proj])
 
-    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads."""
+    def _inputs(self, x: torch.Tensor | PreNormed) -> tuple[torch.Tensor, ...]:
+        """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads
+        (of ``RMSNorm(x)`` for a ``PreNormed`` decode stream, which takes the fused GEMM)."""
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, -1)  # noqa: E731
         if self.input_group is None:
             q, k, v, gate, down = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down))
-            logits = self.gk_up(down)
+            gk = F.logsigmoid(self.gk_up(down).float()) / self.gate_logit_normalizer
         else:
-            q, k, v, gate, logits = self.input_group(x)
-            logits = logits + self.gk_up.bias
-        gk = F.logsigmoid(logits.float()) / self.gate_logit_normalizer
+            q, k, v, gate, gk = self.input_group(x)
         return heads(q), heads(k), heads(v), heads(gk), heads(gate)
 
-    def _output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def _heads(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The output projection's input ``[B, T, value_dim]``: normed, gated heads."""
         B, T = o.shape[:2]
-        return apply((self.o_norm(o) * F.silu(gate)).reshape(B, T, self.value_dim), self.o_proj, self.output_group)
+        return (self.o_norm(o) * F.silu(gate)).reshape(B, T, self.value_dim)
+
+    def _output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return apply(self._heads(o, gate), self.o_proj, self.output_group)
 
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
         *qkvg, gate = self._inputs(x)
@@ -84,7 +92,11 @@ class GatedLinearAttention(nn.Module):
 
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
+        return apply(self.step_heads(x, state), self.o_proj, self.output_group)
+
+    def step_heads(self, x: torch.Tensor | PreNormed, state: RecurrentState) -> torch.Tensor:
+        """``step`` up to the output projection (which a fused block runs with its residual add)."""
         q, k, v, gk, gate = self._inputs(x)
         # fla's kernel wants contiguous heads: the fused decode GEMM writes them so (no copy); unfused,
         # the copies happen here, where a compiled step folds them into Inductor's kernels.
-        return self._output(fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm), gate)
+        return self._heads(fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm), gate)

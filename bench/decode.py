@@ -231,14 +231,15 @@ def measure(cli: argparse.Namespace) -> int:
 
 def plot(paths: list[str], png: str) -> None:
     """Eager (CUDA graph) rows as lines, the first per case (a sweep's file first); compiled
-    (default mode, default BLAS) rows as stars, the newest per case."""
+    (default mode, default BLAS) rows as stars, the newest per case. Rows marked ``"kept": false``
+    (an experiment whose code was not kept) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timed = [json.loads(line) for path in paths for line in open(path) if line.strip().startswith('{"model"')]
-    timed = [r for r in timed if "ms_per_step" in r]
+    timed = [r for r in timed if "ms_per_step" in r and r.get("kept", True)]
     eager: dict[tuple, dict] = {}
     for r in timed:
         if not r.get("compile"):

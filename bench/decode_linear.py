@@ -30,6 +30,7 @@ from titan_hybrid.ops.decode_linear import (
     launch_decode_linear,
     launch_decode_residual,
     launch_decode_swiglu,
+    rstd_of,
     segment_bounds,
 )
 
@@ -68,7 +69,7 @@ def check_kernels(device: str) -> list[str]:
             norm.weight.uniform_(0.5, 1.5)
         stream = PreNormed.of(rand(M, 1, K), norm)
         x, scaled = stream.x.view(M, K), stream.scaled.view(M, K)
-        rstd = torch.rsqrt(stream.sumsq.sum(0) / K + stream.eps)
+        rstd = rstd_of(stream.sumsq, K, stream.eps)
         weight, bias, bounds = rand(sum(widths), K) / K**0.5, rand(widths[-1]), segment_bounds(widths, device)
         hidden, w2, residual = rand(M, 2 * K), rand(K, 2 * K) / (2 * K) ** 0.5, rand(M, K)
         cases = {

@@ -1,5 +1,5 @@
 """Decode-time linears: ``x [M, K] @ weight[N, K]^T`` for the few rows of a decode step (M <= 16),
-with the work that sits between a block's GEMMs done in their prologue and epilogue.
+with the work that sits between a block's GEMMs done in their epilogues.
 
 At batch 16 a decode step's GEMMs are latency-bound: cuBLAS takes 4.4-5.9 us for each of the
 308M model's 1-10 MB weights on an H200 (10-40 % of HBM bandwidth; BENCHMARKS.md). The kernels
@@ -91,6 +91,11 @@ def rstd_of(sumsq: Tensor, width: int, eps: float) -> Tensor:
     return torch.rsqrt(sumsq.sum(0) / width + eps)
 
 
+def log_decay(logits: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """GLA's log-decay from its logits: ``logsigmoid(logits + bias) * scale`` in fp32."""
+    return F.logsigmoid(logits.float() + bias) * scale
+
+
 # The PyTorch paths. ``rstd``: ``rstd_of`` the input rows, or None without a pre-norm.
 
 
@@ -107,9 +112,7 @@ def decode_linear_torch(
     parts = _product(x, weight, rstd).split(widths, dim=-1)
     if decay is None:
         return torch.cat([part.flatten() for part in parts]), x.new_empty(0, dtype=torch.float32)
-    bias, scale = decay
-    log_decay = F.logsigmoid(parts[-1].float() + bias) * scale
-    return torch.cat([part.flatten() for part in parts[:-1]]), log_decay.contiguous()
+    return torch.cat([part.flatten() for part in parts[:-1]]), log_decay(parts[-1], *decay).contiguous()
 
 
 def decode_linear_residual_torch(
@@ -187,9 +190,9 @@ if triton is not None:
             acc = acc * _rstd(partials, eps, K)[:, None]
         if DECAY:
             logits = acc + bias[None, :]
-            log_decay = tl.minimum(logits, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(logits)))  # logsigmoid, stable
+            log_sigmoid = tl.minimum(logits, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(logits)))  # stable
             width = N - decay_from
-            tl.store(decay_ptr + offs_m[:, None] * width + (offs_n - decay_from)[None, :], log_decay * decay_scale,
+            tl.store(decay_ptr + offs_m[:, None] * width + (offs_n - decay_from)[None, :], log_sigmoid * decay_scale,
                      mask=row_ok[:, None] & (col_ok & decayed)[None, :])  # fmt: skip
             col_ok = col_ok & ~decayed
         lo = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -285,20 +288,20 @@ def launch_decode_linear(
     M, K = x.shape
     N = weight.shape[0]
     if decay is None:
-        bias, scale, decay_from, log_decay = x, 1.0, N, x.new_empty(0, dtype=torch.float32)
+        bias, scale, decay_from, decay_out = x, 1.0, N, x.new_empty(0, dtype=torch.float32)
     else:
         bias, scale = decay
         decay_from = N - bias.numel()
-        log_decay = x.new_empty(M, N - decay_from, dtype=torch.float32)
+        decay_out = x.new_empty(M, N - decay_from, dtype=torch.float32)
     y = x.new_empty(M * decay_from)
     sumsq, P, block_p = _norm_args(sumsq, x)
     decode_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, y, bounds, sumsq, log_decay, bias, M, N, P, x.stride(0), eps, decay_from, scale,
+        x, weight, y, bounds, sumsq, decay_out, bias, M, N, P, x.stride(0), eps, decay_from, scale,
         K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return y, log_decay
+    return y, decay_out
 
 
 @torch.library.custom_op("titan_hybrid::decode_linear", mutates_args=())

@@ -1,7 +1,7 @@
 """Inference: the bias-free linears that read the same input as one matrix, so a latency-bound
 decode step runs one GEMM where it ran several, through ``ops.decode_linear`` (GEMMs tiled for a
 decode step's few rows, each linear's output a contiguous block, the block's norms, residual adds
-and gates in their prologues and epilogues).
+and gates in their epilogues).
 
 ``LinearGroup`` concatenates the weights once and makes each linear's weight a view of its
 rows: no memory is added, names and state dicts stay as they are (``load_state_dict`` copies
@@ -20,6 +20,7 @@ from titan_hybrid.ops.decode_linear import (
     decode_linear,
     decode_linear_residual,
     decode_swiglu,
+    log_decay,
     norm_eps,
     segment_bounds,
     split_segments,
@@ -55,14 +56,14 @@ class LinearGroup:
         if rows > MAX_ROWS and not isinstance(x, PreNormed):
             parts = list(F.linear(inputs, self.weight).split(self.sizes, dim=-1))
             if bias is not None:
-                parts[-1] = F.logsigmoid(parts[-1].float() + bias) * scale
+                parts[-1] = log_decay(parts[-1], bias, scale)
             return tuple(parts)
         sumsq, eps = (x.sumsq, x.eps) if isinstance(x, PreNormed) else (None, 0.0)
-        flat, log_decay = decode_linear(
+        flat, decayed = decode_linear(
             inputs.reshape(rows, width), self.weight, self.bounds, self.sizes, sumsq, eps, bias, scale
         )
         blocks = split_segments(flat, rows, self.sizes[:-1] if bias is not None else self.sizes)
-        blocks += [log_decay] if bias is not None else []
+        blocks += [decayed] if bias is not None else []
         return tuple(block.view(*lead, -1) for block in blocks)
 
     def residual(self, x: torch.Tensor, residual: torch.Tensor, next_norm: nn.RMSNorm | None) -> torch.Tensor | PreNormed:

@@ -9,6 +9,7 @@ from torch import nn
 from titan_hybrid.models.hybrid.fused import LinearGroup
 from titan_hybrid.ops.decode_linear import (
     SUMSQ_BLOCK,
+    GatedHeads,
     PreNormed,
     decode_linear,
     decode_linear_residual,
@@ -73,6 +74,20 @@ def test_residual_output_is_the_next_norms_pre_normed_stream():
     assert scaled.numel() == sumsq.numel() == 0
 
 
+def test_gated_heads_residual_is_the_norm_gate_then_the_projection():
+    """``GatedHeads`` through the output projection's residual GEMM: ``RMSNorm(o) * silu(gate)`` per
+    head (GLA's output), projected and added, as the unfused step computes it."""
+    rows, heads, head_dim = 3, 4, 8
+    o, gate = torch.randn(rows, 1, heads, head_dim), torch.randn(rows, 1, heads, head_dim)
+    head_norm = nn.RMSNorm(head_dim, eps=1e-5)
+    with torch.no_grad():
+        head_norm.weight.uniform_(0.5, 1.5)
+    o_proj, residual = nn.Linear(heads * head_dim, 40, bias=False), torch.randn(rows, 1, 40)
+    expected = residual + o_proj((head_norm(o) * F.silu(gate)).reshape(rows, 1, -1))
+    got = LinearGroup([o_proj]).residual(GatedHeads(o, gate, head_norm.weight, 1e-5), residual, None)
+    torch.testing.assert_close(got, expected)
+
+
 def test_decode_ops_pass_opcheck():
     widths = [4, 12]
     x, weight, bounds = torch.randn(3, 8), torch.randn(16, 8), segment_bounds(widths, "cpu")
@@ -81,6 +96,8 @@ def test_decode_ops_pass_opcheck():
     torch.library.opcheck(decode_linear, (x, weight, bounds, widths, sumsq, 1e-5, torch.randn(12), 0.5))
     torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16), torch.rand(16)))
     torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16)))
+    gated = (torch.randn(3, 8), torch.rand(4) + 0.5, 1e-5, torch.zeros(1, dtype=torch.int32))
+    torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16), torch.rand(16), *gated))
     torch.library.opcheck(decode_swiglu, (x, weight, sumsq, 1e-5))
 
 

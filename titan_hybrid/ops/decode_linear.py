@@ -12,7 +12,11 @@ take over the block's elementwise work where it costs the weight stream nothing:
   of ``x^2``; the GEMM that reads it multiplies its product by ``rstd`` (``PreNormed``);
 - the residual add (``decode_linear_residual``), SwiGLU's ``silu(a) * b`` (``decode_swiglu``)
   and GLA's log-decay ``logsigmoid(logits + bias) * scale`` in fp32 (``decode_linear``'s
-  ``decay`` segment).
+  ``decay`` segment);
+- GLA's per-head output norm and gate, in the output projection's K loop (``GatedHeads``).
+
+The residual GEMMs (1024 output columns: 64 column blocks for 132 SMs) split K over several CTAs
+and add the partials deterministically (``decode_residual_kernel``).
 
 ``decode_linear``'s output can be *segmented*: a fused projection's column blocks (GLA's q, k, v,
 gates) are written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent
@@ -58,6 +62,18 @@ class PreNormed:
     def shape(self) -> torch.Size:
         """The stream's shape: a mixer reads ``B, T`` from either form of its input."""
         return self.x.shape
+
+
+@dataclass
+class GatedHeads:
+    """A GLA step's output on its way into the output projection: ``RMSNorm(o) * silu(gate)`` per
+    head without kernels of its own: the projection's decode GEMM normalises and gates each K tile
+    as it loads it (``decode_linear_residual``'s prologue)."""
+
+    o: Tensor  # [B, 1, H, D]: the recurrent kernel's output, contiguous heads
+    gate: Tensor  # [B, 1, H, D]
+    weight: Tensor  # [D]: the head norm's weight
+    eps: float
 
 
 def norm_eps(norm: torch.nn.RMSNorm) -> float:
@@ -115,10 +131,25 @@ def decode_linear_torch(
     return torch.cat([part.flatten() for part in parts[:-1]]), log_decay(parts[-1], *decay).contiguous()
 
 
+def gated_heads_torch(o: Tensor, gate: Tensor, head_weight: Tensor, eps: float) -> Tensor:
+    """``RMSNorm(o) * silu(gate)`` over heads of ``head_weight``'s width, as GLA's output runs it."""
+    M, K = o.shape
+    D = head_weight.numel()
+    normed = F.rms_norm(o.view(M, K // D, D), (D,), head_weight, eps).view(M, K)
+    return normed * F.silu(gate)
+
+
 def decode_linear_residual_torch(
-    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None
+    x: Tensor,
+    weight: Tensor,
+    residual: Tensor,
+    norm_weight: Tensor | None,
+    gated: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``residual + x @ weight^T``; with the next norm's weight also its ``scaled`` and ``sumsq``."""
+    """``residual + x @ weight^T``; with the next norm's weight also its ``scaled`` and ``sumsq``.
+    ``gated = (gate, head_weight, eps)``: ``x`` is ``GatedHeads.o``, normed and gated first."""
+    if gated is not None:
+        x = gated_heads_torch(x, *gated)
     y = residual + F.linear(x, weight)
     if norm_weight is None:
         return y, y.new_empty(0), y.new_empty(0, dtype=torch.float32)
@@ -134,18 +165,48 @@ def decode_swiglu_torch(x: Tensor, weight: Tensor, rstd: Tensor | None) -> Tenso
 if triton is not None:
 
     @triton.jit
-    def _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, rows_ok, K: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _gated_heads(o, gate, head_w, eps, HEAD: tl.constexpr):
+        """``RMSNorm(o) * silu(gate)`` over each ``HEAD`` columns of a ``[BLOCK_M, BLOCK_K]`` tile
+        (``head_w``: the norm's weight tiled to ``BLOCK_K``), in fp32, back in ``o``'s dtype."""
+        BLOCK_M: tl.constexpr = o.shape[0]
+        BLOCK_K: tl.constexpr = o.shape[1]
+        heads = tl.reshape(o.to(tl.float32), (BLOCK_M, BLOCK_K // HEAD, HEAD))
+        rstd = tl.rsqrt(tl.sum(heads * heads, axis=2) / HEAD + eps)
+        normed = tl.reshape(heads * rstd[:, :, None], (BLOCK_M, BLOCK_K))
+        g = gate.to(tl.float32)
+        return (normed * head_w[None, :] * g * tl.sigmoid(g)).to(o.dtype)
+
+    @triton.jit
+    def _input_tile(x_ptr, stride_xm, offs_m, M, k0, gate_ptr, head_w, head_eps, K: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+        """``x[offs_m, k0:k0 + BLOCK_K]``; ``HEAD > 0``: ``x`` is ``GatedHeads.o`` (``gate_ptr``: the
+        gate, laid out as ``x``; ``head_w``: the head norm's weight tiled to ``BLOCK_K``), normed and
+        gated."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        at = offs_m[:, None] * stride_xm + offs_k[None, :]
+        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0)
+        if HEAD > 0:
+            x = _gated_heads(x, tl.load(gate_ptr + at, mask=mask, other=0.0), head_w, head_eps, HEAD)
+        return x
+
+    @triton.jit
+    def _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, rows_ok, k_lo, gate_ptr, head_w_ptr, head_eps,
+                      K: tl.constexpr, K_SPAN: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr,
                       PRECISION: tl.constexpr):  # fmt: skip
-        """``x[offs_m] @ w[rows]^T`` in fp32, K tiles pipelined (fp32 inputs in full fp32, not
-        TF32: the fp32 model is the decode step's reference)."""
+        """``x[offs_m, k_lo:k_lo + K_SPAN] @ w[rows, same]^T`` in fp32 (columns past K masked), K
+        tiles pipelined. fp32 inputs in full fp32, not TF32: the fp32 model is the decode step's
+        reference."""
+        head_w = x_ptr  # a placeholder without gated heads
+        if HEAD > 0:
+            head_w = tl.load(head_w_ptr + tl.arange(0, BLOCK_K) % HEAD).to(tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((offs_m.shape[0], rows.shape[0]), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                        mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            w = tl.load(w_ptr + rows[:, None] * K + (k0 + offs_k)[None, :], mask=rows_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # fmt: skip
+        for k_step in range(0, K_SPAN, BLOCK_K):
+            k0 = k_lo + k_step
+            x = _input_tile(x_ptr, stride_xm, offs_m, M, k0, gate_ptr, head_w, head_eps, K, BLOCK_K, HEAD)
+            w = tl.load(w_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                        mask=rows_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)  # fmt: skip
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         return acc
 
@@ -185,7 +246,8 @@ if triton is not None:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
         if DECAY:
             bias = tl.load(bias_ptr + offs_n - decay_from, mask=col_ok & decayed, other=0.0).to(tl.float32)
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, K, BLOCK_K, PRECISION)
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, 0, x_ptr, x_ptr, 0.0, K, K, BLOCK_K, 0,
+                            PRECISION)  # fmt: skip
         if NORM:
             acc = acc * _rstd(partials, eps, K)[:, None]
         if DECAY:
@@ -205,28 +267,49 @@ if triton is not None:
         tl.store(y_ptr + offset, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def decode_residual_kernel(
-        x_ptr, w_ptr, res_ptr, y_ptr, scaled_ptr, sumsq_ptr, g_ptr, M, N, stride_xm, K: tl.constexpr,
-        NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """``y = residual + x @ w^T`` for ``BLOCK_N`` columns; with ``NEXT_NORM`` also ``y * g`` and
-        the CTA's per-row sum of ``y^2`` (row ``program_id`` of ``sumsq [P, M]``)."""
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        mask = (offs_m < M)[:, None] & col_ok[None, :]
-        at = offs_m[:, None] * N + offs_n[None, :]
-        residual = tl.load(res_ptr + at, mask=mask, other=0.0)
-        if NEXT_NORM:
-            g = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, K, BLOCK_K, PRECISION)
+    def _residual_epilogue(acc, residual, g, y_ptr, scaled_ptr, sumsq_ptr, at, mask, offs_m, M,
+                           NEXT_NORM: tl.constexpr):  # fmt: skip
+        """``y = residual + acc``; with ``NEXT_NORM`` also ``y * g`` and the column block's per-row
+        sum of ``y^2`` (row ``program_id(0)`` of ``sumsq [P, M]``)."""
         y = (acc + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + at, y, mask=mask)
         if NEXT_NORM:
             stored = y.to(tl.float32)
             tl.store(scaled_ptr + at, (stored * g[None, :]).to(scaled_ptr.dtype.element_ty), mask=mask)
             tl.store(sumsq_ptr + tl.program_id(0) * M + offs_m, tl.sum(stored * stored, axis=1), mask=offs_m < M)
+
+    @triton.jit
+    def decode_residual_kernel(
+        x_ptr, gate_ptr, head_w_ptr, w_ptr, res_ptr, y_ptr, scaled_ptr, sumsq_ptr, g_ptr, partial_ptr, arrivals_ptr,
+        M, N, stride_xm, head_eps, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+        HEAD: tl.constexpr, NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """``y = residual + x @ w^T`` for ``BLOCK_N`` columns (``_residual_epilogue``). Split-K: CTA
+        ``(n, s)`` writes its product over K columns ``[s, s + 1) * K_PER_SPLIT`` to ``partial [S, M,
+        N]`` (fp32); the column block's last CTA to arrive (``arrivals[n]``, left at 0 for the next
+        launch) adds the partials in split order, so the result does not depend on who is last."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        mask = (offs_m < M)[:, None] & col_ok[None, :]
+        at = offs_m[:, None] * N + offs_n[None, :]
+        k_lo = tl.program_id(1) * K_PER_SPLIT
+        residual = tl.load(res_ptr + at, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)  # a placeholder without NEXT_NORM
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, k_lo, gate_ptr, head_w_ptr, head_eps, K,
+                            K_PER_SPLIT, BLOCK_K, HEAD, PRECISION)  # fmt: skip
+        if SPLIT_K == 1:
+            _residual_epilogue(acc, residual, g, y_ptr, scaled_ptr, sumsq_ptr, at, mask, offs_m, M, NEXT_NORM)
+        else:
+            tl.store(partial_ptr + tl.program_id(1) * M * N + at, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial written before the release below
+            if tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(partial_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(arrivals_ptr + tl.program_id(0), 0)
+                _residual_epilogue(total, residual, g, y_ptr, scaled_ptr, sumsq_ptr, at, mask, offs_m, M, NEXT_NORM)
 
     @triton.jit
     def decode_swiglu_kernel(
@@ -243,7 +326,8 @@ if triton is not None:
         rows = hidden + (offs_c >= HALF).to(tl.int32) * H
         if NORM:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, hidden < H, K, BLOCK_K, PRECISION)
+        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, hidden < H, 0, x_ptr, x_ptr, 0.0, K, K, BLOCK_K, 0,
+                            PRECISION)  # fmt: skip
         if NORM:
             acc = acc * _rstd(partials, eps, K)[:, None]
         a, b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
@@ -260,6 +344,8 @@ def decode_tiling(n: int) -> dict:
     matrix."""
     if n >= 16384:
         return dict(block_n=64, block_k=128, num_warps=4, num_stages=5)
+    if n > 4096:  # GLA's in-projection (5120 columns): the sweep's best, more CTAs resident per SM
+        return dict(block_n=16, block_k=256, num_warps=2, num_stages=3)
     return dict(block_n=16, block_k=256, num_warps=2, num_stages=5)
 
 
@@ -330,21 +416,46 @@ def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_sca
     return x.new_empty(M * (N - width)), x.new_empty(M, width, dtype=torch.float32)
 
 
-def launch_decode_residual(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None
-                           ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``decode_residual_kernel`` (``SUMSQ_BLOCK``-column CTAs, otherwise ``decode_tiling``'s)."""
+def residual_tiling(k: int, gated: bool) -> dict:
+    """A residual GEMM's tiling (``SUMSQ_BLOCK``-column blocks) for ``k`` input columns: split-K,
+    because its 1024 output columns make only 64 column blocks for an H200's 132 SMs, and the
+    gated-heads prologue runs once per K tile of a CTA."""
+    if gated:  # one K tile a CTA: the prologue's norm and gate are not pipelined
+        return dict(block_k=256, num_warps=4, num_stages=5, split_k=4)
+    if k <= 1024:
+        return dict(block_k=128, num_warps=4, num_stages=5, split_k=1)
+    return dict(block_k=256, num_warps=2, num_stages=5, split_k=4)
+
+
+def launch_decode_residual(
+    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None,
+    gated: tuple[Tensor, Tensor, float] | None = None, arrivals: Tensor | None = None, split_k: int = 1,
+    block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``decode_residual_kernel`` on ``SUMSQ_BLOCK``-column blocks.
+    ``gated = (gate, head_weight, eps)``; ``split_k > 1`` needs ``arrivals`` (int32 zeros, one per
+    column block; left zero)."""
     M, K = x.shape
     N = weight.shape[0]
+    blocks = triton.cdiv(N, SUMSQ_BLOCK)
     y = torch.empty_like(residual)
     if norm_weight is None:
         scaled, sumsq, g = y.new_empty(0), y.new_empty(0, dtype=torch.float32), y
     else:
-        scaled, sumsq, g = torch.empty_like(y), y.new_empty(triton.cdiv(N, SUMSQ_BLOCK), M, dtype=torch.float32), norm_weight
-    tiling = decode_tiling(N)
-    decode_residual_kernel[(triton.cdiv(N, SUMSQ_BLOCK),)](
-        x, weight, residual, y, scaled, sumsq, g, M, N, x.stride(0),
-        K=K, NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=tiling["block_k"],
-        PRECISION=_precision(x), num_warps=tiling["num_warps"], num_stages=tiling["num_stages"],
+        scaled, sumsq, g = torch.empty_like(y), y.new_empty(blocks, M, dtype=torch.float32), norm_weight
+    gate, head_weight, head_eps = gated if gated is not None else (x, x, 0.0)
+    head = 0 if gated is None else head_weight.numel()
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    if split_k > 1 and (arrivals is None or arrivals.numel() < blocks):
+        raise ValueError(f"split-K over {blocks} column blocks needs as many arrival counters, got {arrivals}")
+    if gated is not None and (block_k % head or gate.stride(0) != x.stride(0)):
+        raise ValueError(f"gated heads of {head} columns need K tiles of whole heads and the gate laid out as x")
+    partial = x.new_empty((split_k, M, N) if split_k > 1 else (0,), dtype=torch.float32)
+    decode_residual_kernel[(blocks, triton.cdiv(K, k_per_split))](
+        x, gate, head_weight, weight, residual, y, scaled, sumsq, g, partial, arrivals if arrivals is not None else y,
+        M, N, x.stride(0), head_eps, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=triton.cdiv(K, k_per_split), HEAD=head,
+        NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=block_k,
+        PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y, scaled, sumsq
 
@@ -366,19 +477,26 @@ def launch_decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: f
 
 @torch.library.custom_op("titan_hybrid::decode_linear_residual", mutates_args=())
 def decode_linear_residual(
-    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None = None, gate: Tensor | None = None,
+    head_weight: Tensor | None = None, head_eps: float = 0.0, arrivals: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``residual [M, N] + x [M, K] @ weight^T``, and with ``norm_weight`` (the next pre-norm's) the
     ``PreNormed`` parts of the result: ``y * norm_weight`` and ``sumsq [cdiv(N, SUMSQ_BLOCK), M]``
-    (both empty without)."""
+    (both empty without). ``gate``: ``x`` is ``GatedHeads.o`` (``head_weight``, ``head_eps``: the
+    head norm's). ``arrivals``: the split-K kernel's counters (``LinearGroup`` keeps them; they are
+    zero again after each call); without them K is not split."""
+    gated = None if gate is None else (gate, head_weight, head_eps)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_residual(x, weight, residual, norm_weight)
-    return decode_linear_residual_torch(x, weight, residual, norm_weight)
+            tiling = residual_tiling(x.shape[1], gated is not None)
+            if arrivals is None:
+                tiling["split_k"] = 1
+            return launch_decode_residual(x, weight, residual, norm_weight, gated, arrivals, **tiling)
+    return decode_linear_residual_torch(x, weight, residual, norm_weight, gated)
 
 
 @decode_linear_residual.register_fake
-def _(x, weight, residual, norm_weight=None):
+def _(x, weight, residual, norm_weight=None, gate=None, head_weight=None, head_eps=0.0, arrivals=None):
     if norm_weight is None:
         return torch.empty_like(residual), residual.new_empty(0), residual.new_empty(0, dtype=torch.float32)
     P = -(-weight.shape[0] // SUMSQ_BLOCK)

@@ -16,6 +16,8 @@ from torch import nn
 
 from titan_hybrid.ops.decode_linear import (
     MAX_ROWS,
+    SUMSQ_BLOCK,
+    GatedHeads,
     PreNormed,
     decode_linear,
     decode_linear_residual,
@@ -43,6 +45,9 @@ class LinearGroup:
         self.sizes = [block.shape[0] for block in blocks]
         self.bounds = segment_bounds(self.sizes, self.weight.device)
         self.decay = decay
+        # The split-K residual GEMM's arrival counters (zero between calls), one per column block.
+        blocks = -(-self.weight.shape[0] // SUMSQ_BLOCK)
+        self.arrivals = torch.zeros(blocks, dtype=torch.int32, device=self.weight.device)
         for lin, rows in zip(linears, self.weight.split(self.sizes)):
             lin.weight = nn.Parameter(rows, requires_grad=lin.weight.requires_grad)
 
@@ -66,12 +71,20 @@ class LinearGroup:
         blocks += [decayed] if bias is not None else []
         return tuple(block.view(*lead, -1) for block in blocks)
 
-    def residual(self, x: torch.Tensor, residual: torch.Tensor, next_norm: nn.RMSNorm | None) -> torch.Tensor | PreNormed:
-        """``residual + x @ W^T`` (a one-linear group) in one decode GEMM; ready for ``next_norm``
-        (the next pre-norm) when one is given."""
+    def residual(
+        self, x: torch.Tensor | GatedHeads, residual: torch.Tensor, next_norm: nn.RMSNorm | None
+    ) -> torch.Tensor | PreNormed:
+        """``residual + x @ W^T`` (a one-linear group) in one decode GEMM, ``x``'s head norm and gate
+        in its prologue for ``GatedHeads``; ready for ``next_norm`` (the next pre-norm) when one is
+        given."""
         rows = residual.numel() // residual.shape[-1]
+        next_weight = None if next_norm is None else next_norm.weight
+        if isinstance(x, GatedHeads):
+            inputs, gated = x.o, (x.gate.reshape(rows, -1), x.weight, x.eps)
+        else:
+            inputs, gated = x, (None, None, 0.0)
         y, scaled, sumsq = decode_linear_residual(
-            x.reshape(rows, -1), self.weight, residual.reshape(rows, -1), None if next_norm is None else next_norm.weight
+            inputs.reshape(rows, -1), self.weight, residual.reshape(rows, -1), next_weight, *gated, self.arrivals
         )
         y = y.view(residual.shape)
         return y if next_norm is None else PreNormed(y, scaled.view(residual.shape), sumsq, norm_eps(next_norm))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_hybrid.ops.decode_linear import PreNormed
+from titan_hybrid.ops.decode_linear import GatedHeads, PreNormed, norm_eps
 from titan_hybrid.ops.gla import chunk_gla, fused_recurrent_gla
 
 from .args import HybridModelArgs
@@ -92,11 +92,14 @@ class GatedLinearAttention(nn.Module):
 
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """One token per row ``x [B, 1, dim]``; the state advances in place."""
-        return apply(self.step_heads(x, state), self.o_proj, self.output_group)
+        heads = self.step_heads(x, state)
+        return apply(self._heads(heads.o, heads.gate), self.o_proj, self.output_group)
 
-    def step_heads(self, x: torch.Tensor | PreNormed, state: RecurrentState) -> torch.Tensor:
-        """``step`` up to the output projection (which a fused block runs with its residual add)."""
+    def step_heads(self, x: torch.Tensor | PreNormed, state: RecurrentState) -> GatedHeads:
+        """``step`` up to the output projection: the recurrent output before its norm and gate,
+        which a fused block's output projection applies as it loads them."""
         q, k, v, gk, gate = self._inputs(x)
         # fla's kernel wants contiguous heads: the fused decode GEMM writes them so (no copy); unfused,
         # the copies happen here, where a compiled step folds them into Inductor's kernels.
-        return self._heads(fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm), gate)
+        o = fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm)
+        return GatedHeads(o, gate, self.o_norm.weight, norm_eps(self.o_norm))

@@ -16,7 +16,9 @@ take over the block's elementwise work where it costs the weight stream nothing:
 - GLA's per-head output norm and gate, in the output projection's K loop (``GatedHeads``).
 
 The residual GEMMs (1024 output columns: 64 column blocks for 132 SMs) split K over several CTAs
-and add the partials deterministically (``decode_residual_kernel``).
+and add the partials deterministically (``decode_residual_kernel``). On Hopper every decode GEMM
+is launched programmatically dependent: its CTAs start, and load their first weight tile, while
+the kernel before it drains.
 
 ``decode_linear``'s output can be *segmented*: a fused projection's column blocks (GLA's q, k, v,
 gates) are written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent
@@ -177,6 +179,22 @@ if triton is not None:
         return (normed * head_w[None, :] * g * tl.sigmoid(g)).to(o.dtype)
 
     @triton.jit
+    def _weight_tile(w_ptr, rows, rows_ok, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``w[rows, k0:k0 + BLOCK_K]`` (columns past K masked)."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :],
+                       other=0.0)  # fmt: skip
+
+    @triton.jit
+    def _await_inputs(PDL: tl.constexpr):
+        """Launched programmatically dependent (``PDL``), a kernel's CTAs start while the kernel
+        before it finishes; they have read only weights so far. Wait for its outputs, then let the
+        next kernel's CTAs start (not earlier: two kernels resident at a time, not three)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _input_tile(x_ptr, stride_xm, offs_m, M, k0, gate_ptr, head_w, head_eps, K: tl.constexpr,
                     BLOCK_K: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
         """``x[offs_m, k0:k0 + BLOCK_K]``; ``HEAD > 0``: ``x`` is ``GatedHeads.o`` (``gate_ptr``: the
@@ -191,22 +209,21 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, rows_ok, k_lo, gate_ptr, head_w_ptr, head_eps,
-                      K: tl.constexpr, K_SPAN: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr,
+    def _product_tile(x_ptr, w_ptr, w_first, stride_xm, offs_m, rows, M, rows_ok, k_lo, gate_ptr, head_w_ptr,
+                      head_eps, K: tl.constexpr, K_SPAN: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr,
                       PRECISION: tl.constexpr):  # fmt: skip
-        """``x[offs_m, k_lo:k_lo + K_SPAN] @ w[rows, same]^T`` in fp32 (columns past K masked), K
-        tiles pipelined. fp32 inputs in full fp32, not TF32: the fp32 model is the decode step's
-        reference."""
+        """``x[offs_m, k_lo:k_lo + K_SPAN] @ w[rows, same]^T`` in fp32: the first K tile's weights
+        (``w_first``) loaded before ``_await_inputs``, the other tiles pipelined. fp32 inputs in full
+        fp32, not TF32: the fp32 model is the decode step's reference."""
         head_w = x_ptr  # a placeholder without gated heads
         if HEAD > 0:
             head_w = tl.load(head_w_ptr + tl.arange(0, BLOCK_K) % HEAD).to(tl.float32)
-        offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((offs_m.shape[0], rows.shape[0]), dtype=tl.float32)
-        for k_step in range(0, K_SPAN, BLOCK_K):
-            k0 = k_lo + k_step
-            x = _input_tile(x_ptr, stride_xm, offs_m, M, k0, gate_ptr, head_w, head_eps, K, BLOCK_K, HEAD)
-            w = tl.load(w_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
-                        mask=rows_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)  # fmt: skip
+        x = _input_tile(x_ptr, stride_xm, offs_m, M, k_lo, gate_ptr, head_w, head_eps, K, BLOCK_K, HEAD)
+        acc = tl.dot(x, tl.trans(w_first), acc, input_precision=PRECISION)
+        for k_step in range(BLOCK_K, K_SPAN, BLOCK_K):
+            x = _input_tile(x_ptr, stride_xm, offs_m, M, k_lo + k_step, gate_ptr, head_w, head_eps, K, BLOCK_K, HEAD)
+            w = _weight_tile(w_ptr, rows, rows_ok, k_lo + k_step, K, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         return acc
 
@@ -231,7 +248,7 @@ if triton is not None:
         x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, M, N, P, stride_xm, eps, decay_from,
         decay_scale, K: tl.constexpr, N_SEGMENTS: tl.constexpr, NORM: tl.constexpr, DECAY: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One CTA per ``BLOCK_N`` output columns, all M rows. Column ``n`` of segment ``[lo, hi)``
         lands at ``M * lo + m * (hi - lo) + (n - lo)`` of the flat output; the columns from
@@ -242,12 +259,14 @@ if triton is not None:
         row_ok = offs_m < M
         col_ok = offs_n < N
         decayed = offs_n >= decay_from
+        w_first = _weight_tile(w_ptr, offs_n, col_ok, 0, K, BLOCK_K)
+        _await_inputs(PDL)
         if NORM:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
         if DECAY:
             bias = tl.load(bias_ptr + offs_n - decay_from, mask=col_ok & decayed, other=0.0).to(tl.float32)
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, 0, x_ptr, x_ptr, 0.0, K, K, BLOCK_K, 0,
-                            PRECISION)  # fmt: skip
+        acc = _product_tile(x_ptr, w_ptr, w_first, stride_xm, offs_m, offs_n, M, col_ok, 0, x_ptr, x_ptr, 0.0, K, K,
+                            BLOCK_K, 0, PRECISION)  # fmt: skip
         if NORM:
             acc = acc * _rstd(partials, eps, K)[:, None]
         if DECAY:
@@ -283,7 +302,7 @@ if triton is not None:
         x_ptr, gate_ptr, head_w_ptr, w_ptr, res_ptr, y_ptr, scaled_ptr, sumsq_ptr, g_ptr, partial_ptr, arrivals_ptr,
         M, N, stride_xm, head_eps, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
         HEAD: tl.constexpr, NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``y = residual + x @ w^T`` for ``BLOCK_N`` columns (``_residual_epilogue``). Split-K: CTA
         ``(n, s)`` writes its product over K columns ``[s, s + 1) * K_PER_SPLIT`` to ``partial [S, M,
@@ -295,10 +314,12 @@ if triton is not None:
         mask = (offs_m < M)[:, None] & col_ok[None, :]
         at = offs_m[:, None] * N + offs_n[None, :]
         k_lo = tl.program_id(1) * K_PER_SPLIT
+        w_first = _weight_tile(w_ptr, offs_n, col_ok, k_lo, K, BLOCK_K)
+        _await_inputs(PDL)
         residual = tl.load(res_ptr + at, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)  # a placeholder without NEXT_NORM
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, offs_n, M, col_ok, k_lo, gate_ptr, head_w_ptr, head_eps, K,
-                            K_PER_SPLIT, BLOCK_K, HEAD, PRECISION)  # fmt: skip
+        acc = _product_tile(x_ptr, w_ptr, w_first, stride_xm, offs_m, offs_n, M, col_ok, k_lo, gate_ptr, head_w_ptr,
+                            head_eps, K, K_PER_SPLIT, BLOCK_K, HEAD, PRECISION)  # fmt: skip
         if SPLIT_K == 1:
             _residual_epilogue(acc, residual, g, y_ptr, scaled_ptr, sumsq_ptr, at, mask, offs_m, M, NEXT_NORM)
         else:
@@ -315,7 +336,7 @@ if triton is not None:
     def decode_swiglu_kernel(
         x_ptr, w_ptr, y_ptr, sumsq_ptr, M, H, P, stride_xm, eps, K: tl.constexpr, NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``silu(a) * b`` for ``BLOCK_N // 2`` hidden columns ``n``: one product tile over W1's rows
         ``n`` and W3's rows ``H + n`` (so a CTA streams ``BLOCK_N`` weight rows, as the plain kernel)."""
@@ -324,10 +345,12 @@ if triton is not None:
         offs_c = tl.arange(0, BLOCK_N)
         hidden = tl.program_id(0) * HALF + offs_c % HALF
         rows = hidden + (offs_c >= HALF).to(tl.int32) * H
+        w_first = _weight_tile(w_ptr, rows, hidden < H, 0, K, BLOCK_K)
+        _await_inputs(PDL)
         if NORM:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
-        acc = _product_tile(x_ptr, w_ptr, stride_xm, offs_m, rows, M, hidden < H, 0, x_ptr, x_ptr, 0.0, K, K, BLOCK_K, 0,
-                            PRECISION)  # fmt: skip
+        acc = _product_tile(x_ptr, w_ptr, w_first, stride_xm, offs_m, rows, M, hidden < H, 0, x_ptr, x_ptr, 0.0, K, K,
+                            BLOCK_K, 0, PRECISION)  # fmt: skip
         if NORM:
             acc = acc * _rstd(partials, eps, K)[:, None]
         a, b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
@@ -347,6 +370,11 @@ def decode_tiling(n: int) -> dict:
     if n > 4096:  # GLA's in-projection (5120 columns): the sweep's best, more CTAs resident per SM
         return dict(block_n=16, block_k=256, num_warps=2, num_stages=3)
     return dict(block_n=16, block_k=256, num_warps=2, num_stages=5)
+
+
+def _pdl(x: Tensor) -> bool:
+    """Programmatic dependent launch: on Hopper and later (not in Triton's interpreter)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _precision(x: Tensor) -> str:
@@ -385,7 +413,7 @@ def launch_decode_linear(
         x, weight, y, bounds, sumsq, decay_out, bias, M, N, P, x.stride(0), eps, decay_from, scale,
         K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=_pdl(x), num_warps=num_warps, num_stages=num_stages, launch_pdl=_pdl(x),
     )  # fmt: skip
     return y, decay_out
 
@@ -455,7 +483,7 @@ def launch_decode_residual(
         x, gate, head_weight, weight, residual, y, scaled, sumsq, g, partial, arrivals if arrivals is not None else y,
         M, N, x.stride(0), head_eps, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=triton.cdiv(K, k_per_split), HEAD=head,
         NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=block_k,
-        PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(x), PDL=_pdl(x), num_warps=num_warps, num_stages=num_stages, launch_pdl=_pdl(x),
     )  # fmt: skip
     return y, scaled, sumsq
 
@@ -470,7 +498,7 @@ def launch_decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: f
     decode_swiglu_kernel[(triton.cdiv(H, tiling["block_n"] // 2),)](
         x, weight, y, sumsq, M, H, P, x.stride(0), eps, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS,
         BLOCK_N=tiling["block_n"], BLOCK_K=tiling["block_k"], BLOCK_P=block_p, PRECISION=_precision(x),
-        num_warps=tiling["num_warps"], num_stages=tiling["num_stages"],
+        PDL=_pdl(x), num_warps=tiling["num_warps"], num_stages=tiling["num_stages"], launch_pdl=_pdl(x),
     )  # fmt: skip
     return y
 

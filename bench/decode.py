@@ -13,6 +13,7 @@ memory against length (one line per model and batch) from such a file, on any ma
     python -m bench.decode --compile [max-autotune-no-cudagraphs] ...   # the step compiled, then captured
     python -m bench.decode --profile ...   # also where one replayed step's GPU time goes, per kernel family
     python -m bench.decode --blas cublaslt ...   # the GEMMs through cuBLASLt's heuristics
+    python -m bench.decode --tilings bench/decode_tilings.json ...   # the step under each variant's GEMM tilings
     python -m bench.decode --plot decode.jsonl [compiled.jsonl ...] --png decode.png
 
 With ``--compile`` each model first runs ``--parity-steps`` steps from one filled state: the eager
@@ -26,13 +27,18 @@ so the compiled step is judged in fp32, where a wrong state update shows from th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import sys
 import time
+from unittest import mock
 
 import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
+from titan_hybrid.ops import decode_linear
+from titan_hybrid.ops import gla as gla_ops
 
 MODELS = {
     "hybrid 308M (gggA x6)": "gggA" * 6,
@@ -78,6 +84,31 @@ def fill(state, length: int) -> None:
         for t in layer.tensors():
             t.copy_(torch.randn(t.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.1)
     state.positions.fill_(length)
+
+
+@contextlib.contextmanager
+def tilings(variant: dict):
+    """The decode step under ``variant``'s tilings: ``{"linear": {"N": tiling}, "residual": {"K" or
+    "K gated": tiling}}`` replace ``decode_tiling(N)`` / ``residual_tiling(K, gated)`` where given;
+    ``"gla_step": {"block_v": BV}`` launches fla's GLA step kernel on ``BV``-column state tiles.
+    A captured step keeps the tilings it was captured with."""
+    linear = {int(n): t for n, t in variant.get("linear", {}).items()}
+    residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
+    shipped_linear, shipped_residual = decode_linear.decode_tiling, decode_linear.residual_tiling
+    shipped_step = gla_ops._fused_recurrent_tiling
+    block_v = variant.get("gla_step", {}).get("block_v")
+
+    def step_tiling(K: int, V: int) -> tuple[int, int, int, int]:
+        BK, BV, NK, NV = shipped_step(K, V)
+        return (BK, block_v, NK, -(-V // block_v)) if block_v else (BK, BV, NK, NV)
+
+    with (
+        mock.patch.object(decode_linear, "decode_tiling", lambda n: dict(linear.get(n) or shipped_linear(n))),
+        mock.patch.object(decode_linear, "residual_tiling",
+                          lambda k, gated: dict(residual.get((k, gated)) or shipped_residual(k, gated))),
+        mock.patch.object(gla_ops, "_fused_recurrent_tiling", step_tiling),
+    ):  # fmt: skip
+        yield
 
 
 def copy_bandwidth() -> float:
@@ -197,6 +228,7 @@ def measure(cli: argparse.Namespace) -> int:
            "blas": str(torch.backends.cuda.preferred_blas_library()).split(".")[-1].lower()}  # fmt: skip
     print(json.dumps(env), flush=True)
     out = open(cli.out, "a") if cli.out else None
+    variants = json.load(open(cli.tilings)) if cli.tilings else {"shipped": {}}
     for name in cli.models:
         model = build(MODELS[name])
         if cli.compile:
@@ -204,25 +236,26 @@ def measure(cli: argparse.Namespace) -> int:
             print(json.dumps(parity), flush=True)
             if out:
                 out.write(json.dumps(parity) + "\n")
-        for batch in cli.batches:
-            for length in cli.lengths:
-                record = {"model": name, "batch": batch, "length": length, "compile": cli.compile, **env}
-                trace = f"{cli.profile}/{name.split()[0]}_B{batch}_L{length}.json" if cli.profile else None
-                try:
+        for (variant, spec), batch, length in itertools.product(variants.items(), cli.batches, cli.lengths):
+            record = {"model": name, "batch": batch, "length": length, "compile": cli.compile, **env}
+            record |= {"variant": variant, "tilings": spec} if cli.tilings else {}
+            trace = f"{cli.profile}/{name.split()[0]}_B{batch}_L{length}.json" if cli.profile else None
+            try:
+                with tilings(spec):
                     record |= time_steps(model, batch, length, cli.steps, cli.compile, trace)
-                except torch.OutOfMemoryError as e:
-                    record["error"] = f"out of memory: {str(e)[:200]}"
-                bw = record.get("achieved_bandwidth")
-                line = f"{name:24} B{batch:<3} L{length:<6} {'compiled ' if cli.compile else ''}" + (
-                    f"{record['ms_per_step']:.3f} ms/step  state {record['state_bytes'] / 2**20:10.1f} MiB  "
-                    f"{bw / 1e12:.2f} TB/s ({bw / env['copy_bandwidth']:.0%} of copy"
-                    + (f", {bw / datasheet:.0%} of datasheet)" if datasheet else ")")
-                    if bw else record["error"]
-                )  # fmt: skip
-                print(line, flush=True)
-                if out:
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
+            except torch.OutOfMemoryError as e:
+                record["error"] = f"out of memory: {str(e)[:200]}"
+            bw = record.get("achieved_bandwidth")
+            line = f"{name:24} B{batch:<3} L{length:<6} {'compiled ' if cli.compile else ''}" + (
+                f"{record['ms_per_step']:.3f} ms/step  state {record['state_bytes'] / 2**20:10.1f} MiB  "
+                f"{bw / 1e12:.2f} TB/s ({bw / env['copy_bandwidth']:.0%} of copy"
+                + (f", {bw / datasheet:.0%} of datasheet)" if datasheet else ")")
+                if bw else record["error"]
+            ) + (f"  [{variant}]" if cli.tilings else "")  # fmt: skip
+            print(line, flush=True)
+            if out:
+                out.write(json.dumps(record) + "\n")
+                out.flush()
         del model
     if out:
         out.close()
@@ -293,6 +326,8 @@ def main() -> int:
                         help="torch.backends.cuda.preferred_blas_library for the GEMMs (default: torch's choice)")
     parser.add_argument("--parity-steps", type=int, default=8, help="steps of the compiled-vs-fp32 check")
     parser.add_argument("--profile", metavar="DIR", help="also profile 20 replayed steps per case, traces in DIR")
+    parser.add_argument("--tilings", metavar="JSON",
+                        help="time each case under each variant's decode-GEMM tilings (see tilings())")
     parser.add_argument("--out", help="append one JSON line per case")
     parser.add_argument("--plot", metavar="JSONL", nargs="+", help="draw results files instead of measuring")
     parser.add_argument("--png", default="decode.png")

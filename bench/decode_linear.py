@@ -8,8 +8,9 @@ weights (a model's layers: nothing stays in L2), and the 308M layer's four GEMMs
 
 Prints, per shape and batch, cuBLAS, the best tiling and its bandwidth (weight bytes / time), and
 the residual GEMMs' best tilings (split-K; GLA's gated heads in the output projection's prologue).
-``--check`` runs every decode kernel (segments, pre-norm, log-decay, residual, SwiGLU; bf16 and
-fp32) against its PyTorch path and exits non-zero on a mismatch.
+``--check`` runs every decode kernel (segments, pre-norm, log-decay, residual, split-K, gated
+heads, SwiGLU, one K tile a CTA; bf16 and fp32) against its PyTorch path and exits non-zero on a
+mismatch.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def check_kernels(device: str) -> list[str]:
         hidden, w2, residual = rand(M, 2 * K), rand(K, 2 * K) / (2 * K) ** 0.5, rand(M, K)
         gated = (rand(M, 2 * K), torch.rand(64, device=device).to(dtype) + 0.5, 1e-6)  # GLA's gate, 64-wide heads
         arrivals = torch.zeros(K // SUMSQ_BLOCK, dtype=torch.int32, device=device)
+        whole_k = dict(block_n=16, block_k=K, num_warps=4, num_stages=1)
         cases = {
             "segments": (launch_decode_linear(x, weight, bounds), decode_linear_torch(x, weight, widths)),
             "pre-norm + log-decay": (
@@ -108,6 +110,18 @@ def check_kernels(device: str) -> list[str]:
             ),
             "SwiGLU": ((launch_decode_swiglu(scaled, weight[:200], stream.sumsq, stream.eps),),
                        (decode_swiglu_torch(scaled, weight[:200], rstd),)),  # fmt: skip
+            # One K tile a CTA: all of its weights loaded before it waits for the kernel before it.
+            "pre-norm + log-decay, one K tile": (
+                launch_decode_linear(scaled, weight, bounds, stream.sumsq, stream.eps, (bias, 0.5), **whole_k),
+                decode_linear_torch(scaled, weight, widths, rstd, (bias, 0.5)),
+            ),
+            "SwiGLU, one K tile": ((launch_decode_swiglu(scaled, weight[:200], stream.sumsq, stream.eps, **whole_k),),
+                                   (decode_swiglu_torch(scaled, weight[:200], rstd),)),  # fmt: skip
+            "split-K residual + next norm, one K tile a split": (
+                launch_decode_residual(hidden, w2, residual, norm.weight, arrivals=arrivals, split_k=2, block_k=K,
+                                       num_warps=4, num_stages=1),  # fmt: skip
+                decode_linear_residual_torch(hidden, w2, residual, norm.weight),
+            ),
         }
         if arrivals.any():
             failures.append(f"split-K {dtype} M={M}: arrival counters not left at zero")

@@ -113,3 +113,19 @@ def test_linear_group_decode_rows_match_the_unfused_linears():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
     assert all(t.is_contiguous() for t in group(inputs[0]))
+
+
+def test_bench_tiling_variants_override_only_the_named_shapes_and_restore():
+    from bench.decode import tilings
+    from titan_hybrid.ops import decode_linear as ops
+
+    shipped = ops.decode_tiling(1024), ops.residual_tiling(2048, False), ops.residual_tiling(1024, True)
+    whole_k = {"block_n": 16, "block_k": 1024, "num_warps": 4, "num_stages": 1}
+    split = {"block_k": 512, "num_warps": 4, "num_stages": 1, "split_k": 4}
+    with tilings({"linear": {"5120": whole_k}, "residual": {"2048": split}}):
+        assert ops.decode_tiling(5120) == whole_k
+        assert ops.decode_tiling(1024) == shipped[0]
+        assert ops.residual_tiling(2048, False) == split
+        assert ops.residual_tiling(1024, True) == shipped[2]
+    assert (ops.decode_tiling(1024), ops.residual_tiling(2048, False), ops.residual_tiling(1024, True)) == shipped
+    assert ops.decode_tiling(5120) != whole_k

@@ -409,11 +409,12 @@ def launch_decode_linear(
         decay_out = x.new_empty(M, N - decay_from, dtype=torch.float32)
     y = x.new_empty(M * decay_from)
     sumsq, P, block_p = _norm_args(sumsq, x)
+    pdl = _pdl(x)
     decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x, weight, y, bounds, sumsq, decay_out, bias, M, N, P, x.stride(0), eps, decay_from, scale,
         K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
-        PDL=_pdl(x), num_warps=num_warps, num_stages=num_stages, launch_pdl=_pdl(x),
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y, decay_out
 
@@ -479,26 +480,30 @@ def launch_decode_residual(
     if gated is not None and (block_k % head or gate.stride(0) != x.stride(0)):
         raise ValueError(f"gated heads of {head} columns need K tiles of whole heads and the gate laid out as x")
     partial = x.new_empty((split_k, M, N) if split_k > 1 else (0,), dtype=torch.float32)
-    decode_residual_kernel[(blocks, triton.cdiv(K, k_per_split))](
+    splits, pdl = triton.cdiv(K, k_per_split), _pdl(x)
+    decode_residual_kernel[(blocks, splits)](
         x, gate, head_weight, weight, residual, y, scaled, sumsq, g, partial, arrivals if arrivals is not None else y,
-        M, N, x.stride(0), head_eps, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=triton.cdiv(K, k_per_split), HEAD=head,
+        M, N, x.stride(0), head_eps, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=splits, HEAD=head,
         NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=block_k,
-        PRECISION=_precision(x), PDL=_pdl(x), num_warps=num_warps, num_stages=num_stages, launch_pdl=_pdl(x),
+        PRECISION=_precision(x), PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y, scaled, sumsq
 
 
-def launch_decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float) -> Tensor:
-    """``decode_swiglu_kernel`` with ``decode_tiling``'s tiling for W1 and W3's rows."""
+def launch_decode_swiglu(
+    x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float, block_n: int = 16, block_k: int = 256,
+    num_warps: int = 2, num_stages: int = 5,
+) -> Tensor:  # fmt: skip
+    """``decode_swiglu_kernel``: ``block_n`` weight rows a CTA, half of them W1's, half W3's."""
     M, K = x.shape
     H = weight.shape[0] // 2
     y = x.new_empty(M, H)
     sumsq, P, block_p = _norm_args(sumsq, x)
-    tiling = decode_tiling(2 * H)
-    decode_swiglu_kernel[(triton.cdiv(H, tiling["block_n"] // 2),)](
-        x, weight, y, sumsq, M, H, P, x.stride(0), eps, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS,
-        BLOCK_N=tiling["block_n"], BLOCK_K=tiling["block_k"], BLOCK_P=block_p, PRECISION=_precision(x),
-        PDL=_pdl(x), num_warps=tiling["num_warps"], num_stages=tiling["num_stages"], launch_pdl=_pdl(x),
+    pdl = _pdl(x)
+    decode_swiglu_kernel[(triton.cdiv(H, block_n // 2),)](
+        x, weight, y, sumsq, M, H, P, x.stride(0), eps, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x), PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y
 
@@ -537,7 +542,7 @@ def decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: f
     both products and the gate; ``sumsq`` as in ``decode_linear``."""
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_swiglu(x, weight, sumsq, eps)
+            return launch_decode_swiglu(x, weight, sumsq, eps, **decode_tiling(weight.shape[0]))
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_swiglu_torch(x, weight, rstd)
 

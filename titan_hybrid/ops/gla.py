@@ -107,7 +107,7 @@ def fla_gla_step_in_place(
         )  # fmt: skip
 
     with torch.cuda.device(q.device):
-        key = (K, V, q.dtype, gk.dtype, q.device)
+        key = (K, V, BK, BV, q.dtype, gk.dtype, q.device)
         if key not in _TUNED_STEPS:
             launch(torch.empty_like(state))
             _TUNED_STEPS.add(key)

@@ -122,6 +122,11 @@ def check_kernels(device: str) -> list[str]:
                                        num_warps=4, num_stages=1),  # fmt: skip
                 decode_linear_residual_torch(hidden, w2, residual, norm.weight),
             ),
+            "gated heads + residual + next norm, one K tile": (
+                launch_decode_residual(hidden, w2, residual, norm.weight, gated, block_k=2 * K, num_warps=8,
+                                       num_stages=1),  # fmt: skip
+                decode_linear_residual_torch(hidden, w2, residual, norm.weight, gated),
+            ),
         }
         if arrivals.any():
             failures.append(f"split-K {dtype} M={M}: arrival counters not left at zero")

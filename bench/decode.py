@@ -89,9 +89,10 @@ def fill(state, length: int) -> None:
 @contextlib.contextmanager
 def tilings(variant: dict):
     """The decode step under ``variant``'s tilings: ``{"linear": {"N": tiling}, "residual": {"K" or
-    "K gated": tiling}}`` replace ``decode_tiling(N)`` / ``residual_tiling(K, gated)`` where given;
-    ``"gla_step": {"block_v": BV}`` launches fla's GLA step kernel on ``BV``-column state tiles.
-    A captured step keeps the tilings it was captured with."""
+    "K gated": tiling}}`` replace ``decode_tiling(N)`` / ``residual_tiling(K, gated)`` of 16-bit
+    inputs where given (an fp32 reference model keeps the shipped ones); ``"gla_step": {"block_v":
+    BV}`` launches fla's GLA step kernel on ``BV``-column state tiles. A captured step keeps the
+    tilings it was captured with."""
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
     shipped_linear, shipped_residual = decode_linear.decode_tiling, decode_linear.residual_tiling
@@ -103,9 +104,11 @@ def tilings(variant: dict):
         return (BK, block_v, NK, -(-V // block_v)) if block_v else (BK, BV, NK, NV)
 
     with (
-        mock.patch.object(decode_linear, "decode_tiling", lambda n: dict(linear.get(n) or shipped_linear(n))),
+        mock.patch.object(decode_linear, "decode_tiling",
+                          lambda n, size=2: dict(size == 2 and linear.get(n) or shipped_linear(n, size))),
         mock.patch.object(decode_linear, "residual_tiling",
-                          lambda k, gated: dict(residual.get((k, gated)) or shipped_residual(k, gated))),
+                          lambda k, gated, size=2: dict(size == 2 and residual.get((k, gated))
+                                                        or shipped_residual(k, gated, size))),
         mock.patch.object(gla_ops, "_fused_recurrent_tiling", step_tiling),
     ):  # fmt: skip
         yield
@@ -231,8 +234,10 @@ def measure(cli: argparse.Namespace) -> int:
     variants = json.load(open(cli.tilings)) if cli.tilings else {"shipped": {}}
     for name in cli.models:
         model = build(MODELS[name])
-        if cli.compile:
-            parity = {"model": name, "compile": cli.compile, **step_parity(model, 16, 1024, cli.parity_steps, cli.compile)}
+        for variant, spec in variants.items() if cli.compile and cli.parity_steps else ():
+            with tilings(spec):
+                parity = step_parity(model, 16, 1024, cli.parity_steps, cli.compile)
+            parity = {"model": name, "compile": cli.compile, **({"variant": variant} if cli.tilings else {}), **parity}
             print(json.dumps(parity), flush=True)
             if out:
                 out.write(json.dumps(parity) + "\n")
@@ -324,7 +329,8 @@ def main() -> int:
                         help="torch.compile the step (in this mode) before capturing it")
     parser.add_argument("--blas", choices=["cublas", "cublaslt"],
                         help="torch.backends.cuda.preferred_blas_library for the GEMMs (default: torch's choice)")
-    parser.add_argument("--parity-steps", type=int, default=8, help="steps of the compiled-vs-fp32 check")
+    parser.add_argument("--parity-steps", type=int, default=8,
+                        help="steps of the compiled-vs-fp32 check, per model and tiling variant (0: none)")
     parser.add_argument("--profile", metavar="DIR", help="also profile 20 replayed steps per case, traces in DIR")
     parser.add_argument("--tilings", metavar="JSON",
                         help="time each case under each variant's decode-GEMM tilings (see tilings())")

@@ -129,3 +129,5 @@ def test_bench_tiling_variants_override_only_the_named_shapes_and_restore():
         assert ops.residual_tiling(1024, True) == shipped[2]
     assert (ops.decode_tiling(1024), ops.residual_tiling(2048, False), ops.residual_tiling(1024, True)) == shipped
     assert ops.decode_tiling(5120) != whole_k
+    with tilings({"linear": {"5120": whole_k}}):
+        assert ops.decode_tiling(5120, 2) == whole_k != ops.decode_tiling(5120, 4)  # fp32 keeps the shipped tiling

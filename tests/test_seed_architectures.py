@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attention import flex_positions
 
 from titan_hybrid.export import args_at_step
 from titan_hybrid.models.hybrid import HybridLM, ModelConfigError, hybrid_flavors
@@ -60,8 +61,11 @@ def test_xsa_output_is_orthogonal_to_each_tokens_own_value_and_equals_the_formul
 
 
 def test_xsa_and_softcap_on_the_flex_path_match_the_sdpa_path():
-    x, positions, doc_ids, rope = _inputs()
-    block_mask = flex_block_mask(doc_ids, 0, T)
+    positions = flex_positions([[70, 58], [128]])  # whole 128-token blocks, as FlexAttention on CPU needs
+    gen = torch.Generator().manual_seed(0)
+    x, doc_ids = torch.randn(2, 128, SMALL.dim, generator=gen), (positions == 0).cumsum(1)
+    rope = rope_cache(SMALL.head_dim, 128, SMALL.rope_theta)
+    block_mask = flex_block_mask(doc_ids, 0, 128)
     for changes in (dict(xsa=True), dict(attn_softcap=2.0), dict(xsa=True, attn_softcap=2.0)):
         layer = _attention(**changes)
         with torch.no_grad():  # FlexAttention has no backward on CPU

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import flex_positions
+from test_attention import eager_flex, flex_positions  # noqa: F401 (a fixture)
 
 from titan_hybrid.export import args_at_step
 from titan_hybrid.models.hybrid import HybridLM, ModelConfigError, hybrid_flavors
@@ -60,7 +60,7 @@ def test_xsa_output_is_orthogonal_to_each_tokens_own_value_and_equals_the_formul
     torch.testing.assert_close(out, layer.wo(got.transpose(1, 2).flatten(2)), rtol=1e-5, atol=1e-6)
 
 
-def test_xsa_and_softcap_on_the_flex_path_match_the_sdpa_path():
+def test_xsa_and_softcap_on_the_flex_path_match_the_sdpa_path(eager_flex):
     positions = flex_positions([[70, 58], [128]])  # whole 128-token blocks, as FlexAttention on CPU needs
     gen = torch.Generator().manual_seed(0)
     x, doc_ids = torch.randn(2, 128, SMALL.dim, generator=gen), (positions == 0).cumsum(1)

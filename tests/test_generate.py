@@ -5,6 +5,7 @@ sampling is reproducible per seed, top-k / top-p restrict the choice, and
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,14 +82,16 @@ def test_generate_cli_on_a_debug_run_checkpoint(tmp_path_factory):
     run = reference_run(tmp_path_factory.getbasetemp())
     cmd = [sys.executable, "-m", "titan_hybrid.generate", "--model", str(run), "--prompt", "The king said",
            "--max-new-tokens", "12", "--seed", "3", "--top-k", "20"]  # fmt: skip
-    first = run_cmd(cmd, timeout=300)
+    # A batch of prompts, greedy, from an older checkpoint; --think opens the reasoning block.
+    batch_cmd = [sys.executable, "-m", "titan_hybrid.generate", "--model", str(run), "--step", "10", "--think",
+                 "--prompt", "What is 2 + 2?", "--prompt", "def f(x):", "--temperature", "0",
+                 "--max-new-tokens", "6"]  # fmt: skip
+    # Three independent processes, run side by side: each is one thread, mostly importing.
+    with ThreadPoolExecutor(3) as pool:
+        first, again, batch = pool.map(lambda c: run_cmd(c, timeout=300), [cmd, cmd, batch_cmd])
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.startswith("The king said") and len(first.stdout) > len("The king said\n")
-    assert run_cmd(cmd, timeout=300).stdout == first.stdout  # same seed, same text
-    # A batch of prompts, greedy, from an older checkpoint; --think opens the reasoning block.
-    batch = run_cmd([sys.executable, "-m", "titan_hybrid.generate", "--model", str(run), "--step", "10", "--think",
-                     "--prompt", "What is 2 + 2?", "--prompt", "def f(x):", "--temperature", "0",
-                     "--max-new-tokens", "6"], timeout=300)  # fmt: skip
+    assert again.stdout == first.stdout  # same seed, same text
     assert batch.returncode == 0, batch.stderr[-3000:]
     assert batch.stdout.count("<think>") == 2 and "What is 2 + 2?" in batch.stdout
 

@@ -34,17 +34,24 @@ def test_killing_the_launcher_ends_every_rank_and_frees_the_folder(tmp_path):
     log = open(tmp_path / "first.log", "w")
     command = _command(dump, ["--training.steps", "1000", "--hybrid_data.loader", "process"])
     first = subprocess.Popen(command, env=_env(2), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    record = dump / "step_record" / "rank_0.jsonl"
+    lock, record = dump / "job.lock", dump / "step_record" / "rank_0.jsonl"
     workers: list[int] = []
-    try:
+
+    def wait_for(done) -> None:
         deadline = time.monotonic() + 300
-        while not (record.exists() and record.stat().st_size):
+        while not done():
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        holder = (dump / "job.lock").read_text()
-        workers = _descendants(first.pid)  # the ranks, their loader processes (the default) and resource trackers
 
-        second = train(dump, "--training.steps", "2", check=False)
+    try:
+        # The second job starts as soon as the first one's rank 0 holds the lock (it keeps it until it
+        # dies), so that its start-up overlaps the first job's; one rank: global rank 0 is the one
+        # refused, a second rank would only import alongside it.
+        wait_for(lambda: lock.exists() and lock.read_text().endswith("\n"))
+        holder = lock.read_text()
+        second = train(dump, "--training.steps", "2", ranks=1, check=False)
+        wait_for(lambda: record.exists() and record.stat().st_size)  # the first job trains
+        workers = _descendants(first.pid)  # the ranks, their loader processes (the default) and resource trackers
 
         assert second.returncode != 0
         assert f"{dump} is in use by another job ({holder.strip()}); refusing to start" in second.stdout

@@ -61,7 +61,7 @@ def test_xsa_output_is_orthogonal_to_each_tokens_own_value_and_equals_the_formul
 
 
 def test_xsa_and_softcap_on_the_flex_path_match_the_sdpa_path(eager_flex):
-    positions = flex_positions([[70, 58], [128]])  # whole 128-token blocks, as FlexAttention on CPU needs
+    positions = flex_positions([[70, 58], [128]])  # two documents in one row, one in the other
     gen = torch.Generator().manual_seed(0)
     x, doc_ids = torch.randn(2, 128, SMALL.dim, generator=gen), (positions == 0).cumsum(1)
     rope = rope_cache(SMALL.head_dim, 128, SMALL.rope_theta)

@@ -37,8 +37,7 @@ from unittest import mock
 import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
-from titan_hybrid.ops import decode_linear
-from titan_hybrid.ops import gla as gla_ops
+from titan_hybrid.ops import decode_linear, fla_kernels
 
 MODELS = {
     "hybrid 308M (gggA x6)": "gggA" * 6,
@@ -96,7 +95,7 @@ def tilings(variant: dict):
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
     shipped_linear, shipped_residual = decode_linear.decode_tiling, decode_linear.residual_tiling
-    shipped_step = gla_ops._fused_recurrent_tiling
+    shipped_step = fla_kernels.fused_recurrent_tiling
     block_v = variant.get("gla_step", {}).get("block_v")
 
     def step_tiling(K: int, V: int) -> tuple[int, int, int, int]:
@@ -109,7 +108,7 @@ def tilings(variant: dict):
         mock.patch.object(decode_linear, "residual_tiling",
                           lambda k, gated, size=2: dict(size == 2 and residual.get((k, gated))
                                                         or shipped_residual(k, gated, size))),
-        mock.patch.object(gla_ops, "_fused_recurrent_tiling", step_tiling),
+        mock.patch.object(fla_kernels, "fused_recurrent_tiling", step_tiling),
     ):  # fmt: skip
         yield
 

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from test_delta_ops import gdn2_inputs, gdr_inputs, kla_inputs, resets_from
 from test_mixer_layers import _layer
-from titan_hybrid.ops import common, gated_delta, gdn2
+from titan_hybrid.ops import common, fla_kernels, gated_delta, gdn2
 from titan_hybrid.ops.gated_delta import chunk_gated_delta_rule_torch, fla_chunk_gated_delta_rule
 from titan_hybrid.ops.gdn2 import chunk_gdn2_torch, fla_chunk_gdn2, kaczmarz_gates
 
@@ -172,12 +172,12 @@ def cpu_kernels():
 
 @pytest.fixture
 def fla_stand_ins(cpu_kernels, monkeypatch):
-    for module, name, fn in [
-        (gated_delta, "_fla_gdr_fwd", stand_in_gdr_fwd), (gated_delta, "_fla_gdr_bwd", stand_in_gdr_bwd),
-        (gdn2, "_fla_gdn2_fwd", stand_in_gdn2_fwd), (gdn2, "_fla_gdn2_bwd", stand_in_gdn2_bwd),
-        (common, "_fla_l2norm_fwd", stand_in_l2norm_fwd), (common, "_fla_l2norm_bwd", stand_in_l2norm_bwd),
+    for name, fn in [
+        ("chunk_gated_delta_rule_fwd", stand_in_gdr_fwd), ("chunk_gated_delta_rule_bwd", stand_in_gdr_bwd),
+        ("chunk_gdn2_fwd", stand_in_gdn2_fwd), ("chunk_gdn2_bwd", stand_in_gdn2_bwd),
+        ("l2norm_fwd", stand_in_l2norm_fwd), ("l2norm_bwd", stand_in_l2norm_bwd),
     ]:  # fmt: skip
-        monkeypatch.setattr(module, name, fn)
+        monkeypatch.setattr(fla_kernels, name, fn)
 
 
 def _kla(q, k, v, g, b, w, eta):

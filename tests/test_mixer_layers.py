@@ -1,10 +1,12 @@
 """Delta-rule mixer layers (d, 2, k) on CPU: document isolation, gradients, the short convolution."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import logged_losses
+from conftest import logged_losses, run_cmd
 from titan_hybrid.models.hybrid import HybridModelArgs, hybrid_flavors, parallelize
 from titan_hybrid.models.hybrid.delta import ShortConv, tokens_since_doc_start
 from titan_hybrid.models.hybrid.model import MIXER_LAYERS
@@ -87,6 +89,36 @@ def test_gated_deltanet_on_cuda_checks_the_backward_up_front(monkeypatch):
     model.model_args = HybridModelArgs(dim=64, n_layers=2, pattern="dA", n_heads=4, n_kv_heads=2)
     with pytest.raises(RuntimeError, match="refuses"):
         parallelize.parallelize_hybrid(model, parallel_dims=None, job_config=None)
+
+
+CPU_WITHOUT_FLA = """
+import sys
+import torch
+import titan_hybrid.generate, titan_hybrid.trainer
+from torchtitan.config import ConfigManager
+from torchtitan.distributed import ParallelDims
+from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors, parallelize
+from titan_hybrid.platform.cpu import configure_platform
+
+configure_platform()  # as titan_hybrid.train does
+model = HybridLM(hybrid_flavors["debug"].replace(pattern="gd2kA", n_layers=5, vocab_size=97))
+model.init_weights()
+job_config = ConfigManager().parse_args(["--job.config_file", "train_configs/debug_cpu.toml"])
+one_rank = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+model = parallelize.parallelize_hybrid(model, one_rank, job_config)
+tokens, positions = torch.randint(0, 97, (2, 20)), torch.cat([torch.arange(7), torch.arange(13)]).expand(2, 20)
+model(tokens, positions, labels=tokens).backward()
+logits, state = model.prefill(tokens, torch.tensor([20, 9]), capacity=21)
+model.decode_step(logits.argmax(-1), state)
+assert "fla" not in sys.modules, "a CPU run imported fla"
+"""
+
+
+def test_cpu_runs_never_import_fla():
+    """Importing fla costs seconds a process (CI starts ~80 CPU ranks) and its kernels run on CUDA only:
+    a CPU rank's and generate's imports, parallelize and every mixer's training and decoding leave it out."""
+    result = run_cmd([sys.executable, "-c", CPU_WITHOUT_FLA], env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.distributed

@@ -10,13 +10,15 @@ into the other and leaves every ``q . k`` as it was (TorchTitan's Llama adapter 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from fla.models import GLAConfig
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from titan_hybrid.models.hybrid import HybridModelArgs
+
+if TYPE_CHECKING:
+    from fla.models import GLAConfig
 
 # fla's GLABlock builds its GLA layer with these defaults (GLAConfig has no field for them).
 FLA_GATE_LOW_RANK_DIM = 16
@@ -80,7 +82,11 @@ def fla_mismatches(args: HybridModelArgs) -> list[str]:
 
 
 def fla_gla_config(args: HybridModelArgs) -> GLAConfig:
-    """fla's config of the same model; raises ValueError naming every mismatch."""
+    """fla's config of the same model; raises ValueError naming every mismatch. Imports fla
+    here, not at the top: ``titan_hybrid.export`` (and ``generate``, through it) loads this
+    module, and importing fla costs seconds a process."""
+    from fla.models import GLAConfig
+
     mismatches = fla_mismatches(args)
     if mismatches:
         raise ValueError("not expressible as fla's GLAForCausalLM: " + "; ".join(mismatches))

@@ -10,7 +10,8 @@ b = w = beta, GDN-2 has per-channel b and w. One chunked implementation serves
 all of them on CPU. On CUDA, training runs fla's chunk forward / backward functions
 as ``torch.library`` custom ops (``fla_layout`` and ``fla_qk_l2norm*`` here are their
 shared plumbing), so torch.compile keeps a block in one graph; inference with a final
-state calls fla's public functions through ``call_fla``.
+state calls fla's public functions through ``call_fla``. fla is reached only through
+``titan_hybrid.ops.fla_kernels``, imported inside those CUDA paths: CPU runs never import it.
 
 Inference (``titan_hybrid.generate``) uses the same recurrence two more ways, as
 fla does: the chunked form returning each row's final state (the prompt's
@@ -24,20 +25,11 @@ a new document): the state is zeroed before such a token, exactly as fla's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-try:  # fla (and the Triton it imports) may be absent on CPU-only installs.
-    from fla.modules.l2norm import l2norm_bwd as _fla_l2norm_bwd
-    from fla.modules.l2norm import l2norm_fwd as _fla_l2norm_fwd
-    from fla.ops.utils import prepare_chunk_indices
-    from fla.utils import tensor_cache
-except ImportError:  # pragma: no cover - exercised only without fla installed
-
-    def tensor_cache(fn: Callable) -> Callable:
-        return fn
 
 # fla's in-kernel l2norm: x / sqrt(sum(x^2) + eps) (eps inside the root, unlike F.normalize).
 L2NORM_EPS = 1e-6
@@ -172,7 +164,6 @@ def recurrent_step_torch(
     return (scale * (q.unsqueeze(-2) @ S)).transpose(1, 2).to(dtype)
 
 
-@tensor_cache
 def resets_to_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
     """Document starts ``[B, T]`` -> fla's ``cu_seqlens`` over the flattened ``B*T`` tokens.
 
@@ -181,6 +172,19 @@ def resets_to_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
     sync) runs once per micro-batch instead of once per fla call, and fla's own
     ``prepare_chunk_indices`` cache, keyed the same way, hits too. Measured: BENCHMARKS.md.
     """
+    return _memoised_cu_seqlens()(resets)
+
+
+@functools.cache
+def _memoised_cu_seqlens() -> Callable[[torch.Tensor], torch.Tensor]:
+    """``_cu_seqlens`` under fla's ``tensor_cache``, wrapped once (one cache) on first use."""
+    from titan_hybrid.ops import fla_kernels
+
+    return fla_kernels.tensor_cache(_cu_seqlens)
+
+
+def _cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
+    """``resets_to_cu_seqlens`` uncached."""
     flat = resets.clone()
     flat[:, 0] = True  # every row starts a sequence
     flat = flat.reshape(-1)
@@ -210,8 +214,10 @@ def fla_layout(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """``pack_rows``' layout made contiguous (what fla's ``input_guard`` does), its ``cu_seqlens``,
     and the varlen chunk indices that fla's autograd Functions prepare for ``chunk_size``."""
+    from titan_hybrid.ops import fla_kernels
+
     flat, cu_seqlens = pack_rows(resets, *tensors)
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = None if cu_seqlens is None else fla_kernels.prepare_chunk_indices(cu_seqlens, chunk_size)
     return [t.contiguous() for t in flat], cu_seqlens, chunk_indices
 
 
@@ -229,7 +235,9 @@ def fla_qk_l2norm(
     normalised q, k and their fp32 ``[B, T, H]`` reciprocal norms), or placeholders when off."""
     if not enabled:
         return q, k, qk_norm_placeholders(q)
-    (q, q_rstd), (k, k_rstd) = _fla_l2norm_fwd(q.contiguous()), _fla_l2norm_fwd(k.contiguous())
+    from titan_hybrid.ops import fla_kernels
+
+    (q, q_rstd), (k, k_rstd) = fla_kernels.l2norm_fwd(q.contiguous()), fla_kernels.l2norm_fwd(k.contiguous())
     return q, k, [q, k, q_rstd, k_rstd]
 
 
@@ -249,7 +257,9 @@ def fla_qk_l2norm_bwd(
     ``k``, ``dq``, ``dk`` contiguous in one layout (``pack_rows`` keeps every row's memory order)."""
     if not enabled:
         return dq, dk
-    return _fla_l2norm_bwd(q, q_rstd.contiguous(), dq), _fla_l2norm_bwd(k, k_rstd.contiguous(), dk)
+    from titan_hybrid.ops import fla_kernels
+
+    return fla_kernels.l2norm_bwd(q, q_rstd.contiguous(), dq), fla_kernels.l2norm_bwd(k, k_rstd.contiguous(), dk)
 
 
 def call_fla_step(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]], *tensors: torch.Tensor, state: torch.Tensor,

@@ -30,15 +30,6 @@ from titan_hybrid.ops.common import (
     unpack_rows,
 )
 
-try:  # fla imports Triton; both are optional on CPU-only installs.
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_fused_recurrent_gated_delta_rule
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd as _fla_gdr_bwd
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd as _fla_gdr_fwd
-    from fla.utils import custom_device_ctx
-except ImportError:  # pragma: no cover - exercised only without fla installed
-    _fla_chunk_gated_delta_rule = None
-
 
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor,
@@ -82,10 +73,12 @@ def chunk_gated_delta_rule(
 
     On Hopper GPUs call ``require_exact_gated_delta_backward`` before training.
     """
-    if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
+    if q.is_cuda:
         if output_final_state:
+            from titan_hybrid.ops import fla_kernels
+
             return call_fla(
-                _fla_chunk_gated_delta_rule, q, k, v, g, beta,
+                fla_kernels.chunk_gated_delta_rule, q, k, v, g, beta,
                 resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm, output_final_state=True,
             )  # fmt: skip
         scale = k.shape[-1] ** -0.5 if scale is None else scale
@@ -116,9 +109,11 @@ def gated_delta_step(
     scale: float, use_qk_l2norm: bool,
 ) -> torch.Tensor:  # fmt: skip
     """``fused_recurrent_gated_delta_rule`` as a custom op mutating ``state`` (see ``ops.gla.gla_step``)."""
-    if q.is_cuda and _fla_chunk_gated_delta_rule is not None:
+    if q.is_cuda:
+        from titan_hybrid.ops import fla_kernels
+
         return call_fla_step(
-            _fla_fused_recurrent_gated_delta_rule, q, k, v, g, state=state, beta=beta, scale=scale,
+            fla_kernels.fused_recurrent_gated_delta_rule, q, k, v, g, state=state, beta=beta, scale=scale,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
         ).to(v.dtype)  # fmt: skip
     if use_qk_l2norm:
@@ -153,11 +148,13 @@ def fla_chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fla's chunk gated-delta-rule forward: ``(o, q, k, q_rstd, k_rstd, g_cumsum, A)``; all but ``o``
     are saved for the backward (the first four from ``fla_qk_l2norm``)."""
+    from titan_hybrid.ops import fla_kernels
+
     rows = v
-    with custom_device_ctx(q.device.index):
+    with fla_kernels.custom_device_ctx(q.device.index):
         q, k, qk_norm = fla_qk_l2norm(q, k, use_qk_l2norm)
         (q, k, v, g, beta), cu_seqlens, chunk_indices = fla_layout(resets, FLA_DELTA_CHUNK, q, k, v, g, beta)
-        g_cumsum, o, A, _, _, _ = _fla_gdr_fwd(
+        g_cumsum, o, A, _, _, _ = fla_kernels.chunk_gated_delta_rule_fwd(
             q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
         )  # fmt: skip
@@ -182,12 +179,14 @@ def fla_chunk_gated_delta_rule_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dg, dbeta)`` of ``fla_chunk_gated_delta_rule``'s ``o``, dg in fp32; q, k as it
     saved them (normalised with ``use_qk_l2norm``), dq, dk for the raw ones."""
+    from titan_hybrid.ops import fla_kernels
+
     inputs = (q, k, v, g_cumsum, beta)
     (q, k, v, g_cumsum, beta, A, do), cu_seqlens, chunk_indices = fla_layout(
         resets, FLA_DELTA_CHUNK, q, k, v, g_cumsum, beta, A, do
     )
-    with custom_device_ctx(q.device.index):
-        dq, dk, dv, dbeta, dg, _, _, _ = _fla_gdr_bwd(
+    with fla_kernels.custom_device_ctx(q.device.index):
+        dq, dk, dv, dbeta, dg, _, _, _ = fla_kernels.chunk_gated_delta_rule_bwd(
             q=q, k=k, v=v, g=g_cumsum, beta=beta, A=A, scale=scale, initial_state=None, do=do, dht=None,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
         )  # fmt: skip
@@ -240,10 +239,9 @@ def require_exact_gated_delta_backward() -> None:
     nvcc found, not disabled by ``FLA_TILELANG=0`` or backend dispatch turned
     off). fla's FlashQLA backend belongs to its public function, which training
     no longer calls, so it is no way out here. GDN-2's backward uses its own
-    kernels, not ``chunk_bwd_dqkwg``, and needs no such check.
+    kernels, not ``chunk_bwd_dqkwg``, and needs no such check. It imports fla, so
+    ``parallelize_hybrid`` calls it on CUDA only.
     """
-    if _fla_chunk_gated_delta_rule is None:
-        return
     import triton
     from fla import utils as fla_utils
     from fla.ops.common.backends.tilelang import CommonTileLangBackend

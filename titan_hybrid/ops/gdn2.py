@@ -30,15 +30,6 @@ from titan_hybrid.ops.common import (
     unpack_rows,
 )
 
-try:  # fla imports Triton; both are optional on CPU-only installs.
-    from fla.ops.gdn2 import chunk_gdn2 as _fla_chunk_gdn2
-    from fla.ops.gdn2.chunk_bwd import chunk_gdn2_bwd as _fla_gdn2_bwd
-    from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd as _fla_gdn2_fwd
-    from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd as _fla_fused_recurrent_gdn2_fwd
-    from fla.utils import custom_device_ctx
-except ImportError:  # pragma: no cover - exercised only without fla installed
-    _fla_chunk_gdn2 = None
-
 # The largest key head dim of fla's GDN-2 kernels (its public function asserts it).
 FLA_GDN2_MAX_K = 256
 
@@ -78,11 +69,13 @@ def chunk_gdn2(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GDN-2 forward on the best backend for the tensors' device (and, with
     ``output_final_state``, each row's final fp32 state ``[B, H, K, V]``)."""
-    if q.is_cuda and _fla_chunk_gdn2 is not None:
+    if q.is_cuda:
         if output_final_state:
+            from titan_hybrid.ops import fla_kernels
+
             return call_fla(
-                _fla_chunk_gdn2, q, k, v, g, b, w, resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
-                output_final_state=True,
+                fla_kernels.chunk_gdn2, q, k, v, g, b, w,
+                resets=resets, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm, output_final_state=True,
             )  # fmt: skip
         scale = k.shape[-1] ** -0.5 if scale is None else scale
         return fla_chunk_gdn2(q, k, v, g, b, w, scale, resets, use_qk_l2norm)[0]
@@ -116,11 +109,13 @@ def fla_chunk_gdn2(
     saved for the backward (the first four from ``fla_qk_l2norm``)."""
     if k.shape[-1] > FLA_GDN2_MAX_K:
         raise ValueError(f"fla's GDN-2 kernels take key head dims <= {FLA_GDN2_MAX_K}, got {k.shape[-1]}")
+    from titan_hybrid.ops import fla_kernels
+
     rows = v
-    with custom_device_ctx(q.device.index):
+    with fla_kernels.custom_device_ctx(q.device.index):
         q, k, qk_norm = fla_qk_l2norm(q, k, use_qk_l2norm)
         (q, k, v, g, b, w), cu_seqlens, chunk_indices = fla_layout(resets, FLA_DELTA_CHUNK, q, k, v, g, b, w)
-        o, _, g_cumsum, Aqk, Akk, *_ = _fla_gdn2_fwd(
+        o, _, g_cumsum, Aqk, Akk, *_ = fla_kernels.chunk_gdn2_fwd(
             q=q, k=k, v=v, g=g, b=b, w_gate=w, scale=scale, initial_state=None, output_final_state=False,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
         )  # fmt: skip
@@ -147,12 +142,14 @@ def fla_chunk_gdn2_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dg, db, dw)`` of ``fla_chunk_gdn2``'s ``o``, dg in fp32; q, k as it saved them
     (normalised with ``use_qk_l2norm``), dq, dk for the raw ones."""
+    from titan_hybrid.ops import fla_kernels
+
     inputs = (q, k, v, g_cumsum, b, w)
     (q, k, v, g_cumsum, b, w, Aqk, Akk, do), cu_seqlens, chunk_indices = fla_layout(
         resets, FLA_DELTA_CHUNK, q, k, v, g_cumsum, b, w, Aqk, Akk, do
     )
-    with custom_device_ctx(q.device.index):
-        dq, dk, dv, db, dw, dg, _, _, _ = _fla_gdn2_bwd(
+    with fla_kernels.custom_device_ctx(q.device.index):
+        dq, dk, dv, db, dw, dg, _, _, _ = fla_kernels.chunk_gdn2_bwd(
             q=q, k=k, v=v, b=b, w_gate=w, Aqk=Aqk, Akk=Akk, scale=scale, initial_state=None, do=do, dht=None,
             g=g_cumsum, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=FLA_DELTA_CHUNK,
         )  # fmt: skip
@@ -216,11 +213,13 @@ def gdn2_step(
     state: torch.Tensor, scale: float, use_qk_l2norm: bool,
 ) -> torch.Tensor:  # fmt: skip
     """``fused_recurrent_gdn2`` as a custom op mutating ``state`` (see ``ops.gla.gla_step``)."""
-    if q.is_cuda and _fla_chunk_gdn2 is not None:
+    if q.is_cuda:
+        from titan_hybrid.ops import fla_kernels
+
         # fla's in-place final state (its serving path): no fresh state to copy back into ours.
         q, k, v, g, b, w = (t.contiguous() for t in (q, k, v, g, b, w))
-        with custom_device_ctx(q.device.index):
-            o, _ = _fla_fused_recurrent_gdn2_fwd(
+        with fla_kernels.custom_device_ctx(q.device.index):
+            o, _ = fla_kernels.fused_recurrent_gdn2_fwd(
                 q, k, v, g, b, w, initial_state=state, scale=scale, inplace_final_state=True,
                 use_qk_l2norm_in_kernel=use_qk_l2norm, out=torch.empty_like(v),
             )  # fmt: skip

@@ -16,15 +16,6 @@ import torch
 
 from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, fla_layout, recurrent_step_torch
 
-try:  # fla imports Triton; both are optional on CPU-only installs.
-    from fla.ops.gla import chunk_gla as _fla_chunk_gla
-    from fla.ops.gla import fused_recurrent_gla as _fla_fused_recurrent_gla
-    from fla.ops.gla.chunk import chunk_gla_bwd as _fla_gla_bwd
-    from fla.ops.gla.chunk import chunk_gla_fwd as _fla_gla_fwd
-    from fla.ops.common.fused_recurrent import _fused_recurrent_tiling, fused_recurrent_fwd_kernel
-except ImportError:  # pragma: no cover - exercised only without fla installed
-    _fla_gla_fwd = None
-
 
 def chunk_gla_torch(
     q: torch.Tensor,
@@ -58,9 +49,11 @@ def chunk_gla(
     """GLA forward on the best backend for the tensors' device; with ``output_final_state``
     (inference, no gradients) also each row's final fp32 state ``[B, H, K, V]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.is_cuda and _fla_gla_fwd is not None:
+    if q.is_cuda:
         if output_final_state:
-            return call_fla(_fla_chunk_gla, q, k, v, g, resets=resets, scale=scale, output_final_state=True)
+            from titan_hybrid.ops import fla_kernels
+
+            return call_fla(fla_kernels.chunk_gla, q, k, v, g, resets=resets, scale=scale, output_final_state=True)
         return fla_chunk_gla(q, k, v, g, scale, resets)[0]
     return chunk_gla_torch(q, k, v, g, scale=scale, resets=resets, output_final_state=output_final_state)
 
@@ -91,16 +84,18 @@ def fla_gla_step_in_place(
     running it over and over), so a shape's first call tunes with a scratch final state. Key dims
     above 64 (several key blocks, whose partial outputs fla sums) take fla's wrapper.
     """
+    from titan_hybrid.ops import fla_kernels
+
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BK, BV, NK, NV = _fused_recurrent_tiling(K, V)
+    BK, BV, NK, NV = fla_kernels.fused_recurrent_tiling(K, V)
     if NK > 1:
-        return call_fla_step(_fla_fused_recurrent_gla, q, k, v, state=state, gk=gk, scale=scale).to(v.dtype)
+        return call_fla_step(fla_kernels.fused_recurrent_gla, q, k, v, state=state, gk=gk, scale=scale).to(v.dtype)
     q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))
     o = torch.empty_like(v)
 
     def launch(final_state: torch.Tensor) -> None:
-        fused_recurrent_fwd_kernel[(NV * NK * B * H,)](
+        fla_kernels.fused_recurrent_fwd_kernel[(NV * NK * B * H,)](
             q=q, k=k, v=v, g=None, g_gamma=None, gk=gk, gv=None, o=o, h0=state, ht=final_state,
             cu_seqlens=None, scale=scale, T=T, B=B, H=H, K=K, V=V, BK=BK, BV=BV,
             USE_G=False, USE_G_GAMMA=False, USE_GK=True, USE_GV=False, REVERSE=False, STATE_V_FIRST=False,
@@ -120,7 +115,7 @@ def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
              scale: float) -> torch.Tensor:  # fmt: skip
     """``fused_recurrent_gla`` as a custom op that mutates ``state``: a compiled decode step is one
     graph (fullgraph) with fla's autotuned kernel as an opaque node and the state write declared."""
-    if q.is_cuda and _fla_gla_fwd is not None:
+    if q.is_cuda:
         return fla_gla_step_in_place(q, k, v, g, state, scale)
     return recurrent_step_torch(q, k, v, g, state, scale=scale).contiguous()
 
@@ -154,10 +149,12 @@ def fla_chunk_gla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, resets: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fla's chunk GLA forward: ``(o, g_cumsum, A)``; the last two are saved for the backward."""
+    from titan_hybrid.ops import fla_kernels
+
     shape = v.shape
     (q, k, v, g), cu_seqlens, chunk_indices, chunk_size = _fla_layout(resets, q, k, v, g)
     with torch.cuda.device(q.device):
-        g_cumsum, A, _, _, o = _fla_gla_fwd(
+        g_cumsum, A, _, _, o = fla_kernels.chunk_gla_fwd(
             q, k, v, g, None, scale, None, False,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
         )  # fmt: skip
@@ -176,10 +173,12 @@ def fla_chunk_gla_bwd(
     resets: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dg)`` of ``fla_chunk_gla``'s output ``o``."""
+    from titan_hybrid.ops import fla_kernels
+
     shapes = [t.shape for t in (q, k, v)]
     (q, k, v, do), cu_seqlens, chunk_indices, chunk_size = _fla_layout(resets, q, k, v, do)
     with torch.cuda.device(q.device):
-        dq, dk, dv, dg, _ = _fla_gla_bwd(
+        dq, dk, dv, dg, _ = fla_kernels.chunk_gla_bwd(
             q, k, v, None, g_cumsum, scale, None, None, A, do, None,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
         )  # fmt: skip

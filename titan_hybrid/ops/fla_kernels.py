@@ -1,0 +1,43 @@
+"""The fla functions the ops call on CUDA tensors, in one module that is imported on first use.
+
+Importing fla costs seconds per process: its ``__init__`` pulls in all its layers, models
+and ``transformers``. CPU runs (CI's gloo ranks among them) never call its Triton kernels, so
+the ops import this module inside their CUDA branches only, and a CPU process never imports
+fla. fla is a hard dependency: on CUDA a missing fla is an ImportError, not a slow fallback.
+"""
+
+from fla.modules.l2norm import l2norm_bwd, l2norm_fwd
+from fla.ops.common.fused_recurrent import _fused_recurrent_tiling as fused_recurrent_tiling
+from fla.ops.common.fused_recurrent import fused_recurrent_fwd_kernel
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
+from fla.ops.gdn2 import chunk_gdn2
+from fla.ops.gdn2.chunk_bwd import chunk_gdn2_bwd
+from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd
+from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd
+from fla.ops.gla import chunk_gla, fused_recurrent_gla
+from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.utils import prepare_chunk_indices
+from fla.utils import custom_device_ctx, tensor_cache
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_bwd",
+    "chunk_gated_delta_rule_fwd",
+    "chunk_gdn2",
+    "chunk_gdn2_bwd",
+    "chunk_gdn2_fwd",
+    "chunk_gla",
+    "chunk_gla_bwd",
+    "chunk_gla_fwd",
+    "custom_device_ctx",
+    "fused_recurrent_fwd_kernel",
+    "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gdn2_fwd",
+    "fused_recurrent_gla",
+    "fused_recurrent_tiling",
+    "l2norm_bwd",
+    "l2norm_fwd",
+    "prepare_chunk_indices",
+    "tensor_cache",
+]

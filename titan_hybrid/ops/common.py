@@ -184,13 +184,19 @@ def _memoised_cu_seqlens() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
-    """``resets_to_cu_seqlens`` uncached."""
-    flat = resets.clone()
+    """``resets_to_cu_seqlens`` uncached. The documents are found on the host (one copy of the
+    ``[B, T]`` booleans: the micro-batch's one sync), and the host copy of ``cu_seqlens`` is kept
+    for fla's chunk-state functions, which count their splits from it (``fla_host_splits``)."""
+    from titan_hybrid.ops import fla_kernels
+
+    flat = resets.to("cpu", copy=True)
     flat[:, 0] = True  # every row starts a sequence
     flat = flat.reshape(-1)
     starts = flat.nonzero().squeeze(-1)
-    end = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
-    return torch.cat([starts, end]).to(torch.int32)
+    host = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    cu_seqlens = host.to(resets.device, non_blocking=True)
+    fla_kernels.remember_host_copy(cu_seqlens, host)
+    return cu_seqlens
 
 
 def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:

@@ -20,6 +20,8 @@ from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
 from fla.ops.utils import prepare_chunk_indices
 from fla.utils import custom_device_ctx, tensor_cache
 
+from titan_hybrid.ops.fla_host_splits import remember_host_copy  # and registers its fla backend
+
 __all__ = [
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_bwd",
@@ -39,5 +41,6 @@ __all__ = [
     "l2norm_bwd",
     "l2norm_fwd",
     "prepare_chunk_indices",
+    "remember_host_copy",
     "tensor_cache",
 ]

@@ -1,0 +1,106 @@
+"""fla's chunk-state functions for packed documents without a device-to-host sync per call.
+
+fla 0.6.0's ``chunk_fwd_h`` and ``chunk_bwd_dh`` (GLA's inter-chunk states, forward, recomputed in
+the backward, and their gradients) size their output with ``split_offsets[-1].item()`` when given
+``cu_seqlens``: a sync that drains the GPU's queue, 3 per GLA layer and micro-batch (432 a step of
+the 308M model, the masked path's idle time in BENCHMARKS.md). The document boundaries are already
+on the host once per micro-batch (``resets_to_cu_seqlens`` finds them there), so this backend,
+registered through fla's own backend registry for its ``common`` functions (as fla's Ascend backend
+is), counts the splits on the host and launches fla's own kernels with exactly fla's arguments.
+It accepts only ``cu_seqlens`` whose host copy ``remember_host_copy`` was given; any other call
+falls through to fla's function.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from fla.backends import BaseBackend, register
+from fla.ops.common.chunk_h import chunk_bwd_kernel_dh, chunk_fwd_kernel_h
+from fla.ops.utils import prepare_chunk_offsets
+from torch.utils.weak import WeakIdKeyDictionary
+
+_host_copies = WeakIdKeyDictionary()
+
+
+def remember_host_copy(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor) -> None:
+    """Record the host copy of a device ``cu_seqlens`` (kept as long as the device tensor lives)."""
+    _host_copies[cu_seqlens] = cu_seqlens_cpu
+
+
+def host_split_count(cu_seqlens: torch.Tensor, split_size: int) -> int | None:
+    """``prepare_chunk_offsets(cu_seqlens, split_size)[-1]`` from the host copy; None without one."""
+    host = _host_copies.get(cu_seqlens)
+    if host is None:
+        return None
+    return int(((host[1:] - host[:-1] + split_size - 1) // split_size).sum())
+
+
+def _accepts(cu_seqlens: torch.Tensor | None) -> tuple[bool, str | None]:
+    if cu_seqlens is None or cu_seqlens not in _host_copies:
+        return False, "no host copy of cu_seqlens"
+    return True, None
+
+
+@register("common")
+class HostSplitCountBackend(BaseBackend):
+    """``chunk_fwd_h`` / ``chunk_bwd_dh`` with the split count from the host (fla 0.6.0's bodies otherwise)."""
+
+    backend_type = "titan_hybrid_host_splits"
+    env_var = "TITAN_HYBRID_HOST_SPLITS"  # "0" turns it off (fla's functions, with their syncs)
+
+    def chunk_fwd_h_verifier(self, *args, cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[bool, str | None]:
+        return _accepts(cu_seqlens)
+
+    def chunk_bwd_dh_verifier(self, *args, cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[bool, str | None]:
+        return _accepts(cu_seqlens)
+
+    def chunk_fwd_h(
+        self, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
+        gk: torch.Tensor | None = None, gv: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+        output_final_state: bool = False, state_v_first: bool = False, cu_seqlens: torch.Tensor | None = None,
+        chunk_size: int = 64, split_size: int | None = None, states_in_fp32: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        B, T, H, K, V = *k.shape, v.shape[-1]
+        BS = chunk_size if split_size is None else split_size
+        N, NS = len(cu_seqlens) - 1, host_split_count(cu_seqlens, BS)
+        state_shape = (V, K) if state_v_first else (K, V)
+        h = k.new_empty(B, NS, H, *state_shape, dtype=torch.float if states_in_fp32 else k.dtype)
+        ht = k.new_empty(N, H, *state_shape, dtype=torch.float) if output_final_state else None
+
+        def grid(meta):
+            return (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * N * H,)
+
+        chunk_fwd_kernel_h[grid](
+            k=k, v=v, h=h, g=g, g_gamma=g_gamma, gk=gk, gv=gv, h0=h0, ht=ht, cu_seqlens=cu_seqlens,
+            split_offsets=prepare_chunk_offsets(cu_seqlens, BS), T=T, H=H, K=K, V=V, BT=chunk_size, BS=BS,
+            USE_G=g is not None, USE_G_GAMMA=g_gamma is not None, USE_GK=gk is not None, USE_GV=gv is not None,
+            STATE_V_FIRST=state_v_first,
+        )  # fmt: skip
+        return h, ht
+
+    def chunk_bwd_dh(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, h0: torch.Tensor | None,
+        dht: torch.Tensor | None, scale: float, g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
+        gk: torch.Tensor | None = None, gv: torch.Tensor | None = None, state_v_first: bool = False,
+        cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64, split_size: int | None = None,
+        states_in_fp32: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        B, T, H, K, V = *k.shape, v.shape[-1]
+        HQ = q.shape[2]
+        BS = chunk_size if split_size is None else split_size
+        N, NS = len(cu_seqlens) - 1, host_split_count(cu_seqlens, BS)
+        state_shape = (V, K) if state_v_first else (K, V)
+        dh = k.new_empty(B, NS, HQ, *state_shape, dtype=torch.float if states_in_fp32 else k.dtype)
+        dh0 = torch.empty_like(h0, dtype=torch.float) if h0 is not None else None
+
+        def grid(meta):
+            return (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * N * H,)
+
+        chunk_bwd_kernel_dh[grid](
+            q=q, g=g, g_gamma=g_gamma, gk=gk, gv=gv, do=do, dh=dh, dht=dht, dh0=dh0, cu_seqlens=cu_seqlens,
+            split_offsets=prepare_chunk_offsets(cu_seqlens, BS), scale=scale, T=T, HQ=HQ, H=H, K=K, V=V,
+            BT=chunk_size, BS=BS, NG=HQ // H, USE_G=g is not None, USE_G_GAMMA=g_gamma is not None,
+            USE_GK=gk is not None, USE_GV=gv is not None, STATE_V_FIRST=state_v_first,
+        )  # fmt: skip
+        return dh, dh0

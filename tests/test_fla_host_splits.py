@@ -34,6 +34,7 @@ def _summary(kwargs: dict) -> dict:
 
 @pytest.fixture
 def recorders(monkeypatch):
+    monkeypatch.setenv("TITAN_HYBRID_HOST_SPLITS", "1")
     ours, theirs = Recorder(), Recorder()
     for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
         monkeypatch.setattr(fla_host_splits, name, ours)
@@ -99,9 +100,13 @@ def test_state_gradients_launch_what_fla_launches(recorders):
     assert (dh.shape, dh.dtype, dh0.shape) == (dh_fla.shape, dh_fla.dtype, dh0_fla.shape) and dh.shape[1] == 1 + 2 + 3
 
 
-def test_turned_off_by_its_environment_variable(recorders, monkeypatch):
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_off_unless_its_environment_variable_says_1(recorders, monkeypatch, setting):
     ours, theirs = recorders
-    monkeypatch.setenv("TITAN_HYBRID_HOST_SPLITS", "0")
+    if setting is None:
+        monkeypatch.delenv("TITAN_HYBRID_HOST_SPLITS")
+    else:
+        monkeypatch.setenv("TITAN_HYBRID_HOST_SPLITS", setting)
     _, k, v, gk, _ = _inputs()
     known = _documents([100, 200])
     remember_host_copy(known, known.clone())

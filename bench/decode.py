@@ -88,28 +88,41 @@ def fill(state, length: int) -> None:
 @contextlib.contextmanager
 def tilings(variant: dict):
     """The decode step under ``variant``'s tilings: ``{"linear": {"N": tiling}, "residual": {"K" or
-    "K gated": tiling}}`` replace ``decode_tiling(N)`` / ``residual_tiling(K, gated)`` of 16-bit
-    inputs where given (an fp32 reference model keeps the shipped ones); ``"gla_step": {"block_v":
+    "K gated": tiling}}`` replace the tilings that ``decode_tiling(N)`` / ``residual_tiling(K, gated)``
+    give the decode-GEMM launches of 16-bit inputs where named (an fp32 reference model keeps the
+    shipped ones; a residual GEMM without split-K counters stays unsplit); ``"gla_step": {"block_v":
     BV}`` launches fla's GLA step kernel on ``BV``-column state tiles. A captured step keeps the
     tilings it was captured with."""
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
-    shipped_linear, shipped_residual = decode_linear.decode_tiling, decode_linear.residual_tiling
-    shipped_step = fla_kernels.fused_recurrent_tiling
+    launch_linear, launch_swiglu = decode_linear.launch_decode_linear, decode_linear.launch_decode_swiglu
+    launch_residual, shipped_step = decode_linear.launch_decode_residual, fla_kernels.fused_recurrent_tiling
     block_v = variant.get("gla_step", {}).get("block_v")
+
+    def linear_variant(launch):
+        def launch_variant(x, weight, *args, **tiling):
+            if x.element_size() == 2:
+                tiling = linear.get(weight.shape[0], tiling)
+            return launch(x, weight, *args, **tiling)
+
+        return launch_variant
+
+    def residual_variant(x, weight, residual_in, norm_weight, gated=None, arrivals=None, **tiling):
+        if x.element_size() == 2 and (x.shape[1], gated is not None) in residual:
+            tiling = dict(residual[x.shape[1], gated is not None])
+            tiling["split_k"] = tiling["split_k"] if arrivals is not None else 1
+        return launch_residual(x, weight, residual_in, norm_weight, gated, arrivals, **tiling)
 
     def step_tiling(K: int, V: int) -> tuple[int, int, int, int]:
         BK, BV, NK, NV = shipped_step(K, V)
         return (BK, block_v, NK, -(-V // block_v)) if block_v else (BK, BV, NK, NV)
 
     with (
-        mock.patch.object(decode_linear, "decode_tiling",
-                          lambda n, size=2: dict(size == 2 and linear.get(n) or shipped_linear(n, size))),
-        mock.patch.object(decode_linear, "residual_tiling",
-                          lambda k, gated, size=2: dict(size == 2 and residual.get((k, gated))
-                                                        or shipped_residual(k, gated, size))),
+        mock.patch.object(decode_linear, "launch_decode_linear", linear_variant(launch_linear)),
+        mock.patch.object(decode_linear, "launch_decode_swiglu", linear_variant(launch_swiglu)),
+        mock.patch.object(decode_linear, "launch_decode_residual", residual_variant),
         mock.patch.object(fla_kernels, "fused_recurrent_tiling", step_tiling),
-    ):  # fmt: skip
+    ):
         yield
 
 

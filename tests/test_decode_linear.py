@@ -115,19 +115,38 @@ def test_linear_group_decode_rows_match_the_unfused_linears():
     assert all(t.is_contiguous() for t in group(inputs[0]))
 
 
-def test_bench_tiling_variants_override_only_the_named_shapes_and_restore():
+def test_bench_tiling_variants_override_only_the_named_shapes_and_restore(monkeypatch):
+    """``bench.decode --tilings``: a variant reaches the launches of 16-bit inputs for the shapes it
+    names (a residual GEMM without split-K counters stays unsplit); fp32 inputs and other shapes keep
+    the tilings the ops pass; the launches are restored afterwards."""
     from bench.decode import tilings
     from titan_hybrid.ops import decode_linear as ops
 
-    shipped = ops.decode_tiling(1024), ops.residual_tiling(2048, False), ops.residual_tiling(1024, True)
+    launched = []
+    for name in ("launch_decode_linear", "launch_decode_swiglu", "launch_decode_residual"):
+        monkeypatch.setattr(ops, name, lambda x, weight, *args, _name=name, **tiling: launched.append((_name, tiling)))
+    recorders = ops.launch_decode_linear, ops.launch_decode_swiglu, ops.launch_decode_residual
     whole_k = {"block_n": 16, "block_k": 1024, "num_warps": 4, "num_stages": 1}
     split = {"block_k": 512, "num_warps": 4, "num_stages": 1, "split_k": 4}
+    bf16, fp32 = torch.zeros(16, 1024, dtype=torch.bfloat16), torch.zeros(16, 1024)
+    w5120, w1024, w2048 = torch.zeros(5120, 1024), torch.zeros(1024, 1024), torch.zeros(1024, 2048)
+    x2048 = torch.zeros(16, 2048, dtype=torch.bfloat16)
+    counters = torch.zeros(64, dtype=torch.int32)
     with tilings({"linear": {"5120": whole_k}, "residual": {"2048": split}}):
-        assert ops.decode_tiling(5120) == whole_k
-        assert ops.decode_tiling(1024) == shipped[0]
-        assert ops.residual_tiling(2048, False) == split
-        assert ops.residual_tiling(1024, True) == shipped[2]
-    assert (ops.decode_tiling(1024), ops.residual_tiling(2048, False), ops.residual_tiling(1024, True)) == shipped
-    assert ops.decode_tiling(5120) != whole_k
-    with tilings({"linear": {"5120": whole_k}}):
-        assert ops.decode_tiling(5120, 2) == whole_k != ops.decode_tiling(5120, 4)  # fp32 keeps the shipped tiling
+        ops.launch_decode_linear(bf16, w5120, None, **ops.decode_tiling(5120))
+        ops.launch_decode_linear(fp32, w5120, None, **ops.decode_tiling(5120))
+        ops.launch_decode_swiglu(bf16, torch.zeros(4096, 1024), None, 0.0, **ops.decode_tiling(4096))
+        ops.launch_decode_residual(x2048, w2048, None, None, None, counters, **ops.residual_tiling(2048, False))
+        ops.launch_decode_residual(x2048, w2048, None, None, None, None, **ops.residual_tiling(2048, False))
+        ops.launch_decode_residual(bf16, w1024, None, None, None, None, **ops.residual_tiling(1024, False))
+    assert launched == [
+        ("launch_decode_linear", whole_k),
+        ("launch_decode_linear", ops.decode_tiling(5120)),
+        ("launch_decode_swiglu", ops.decode_tiling(4096)),
+        ("launch_decode_residual", split),
+        ("launch_decode_residual", {**split, "split_k": 1}),
+        ("launch_decode_residual", ops.residual_tiling(1024, False)),
+    ]
+    assert (ops.launch_decode_linear, ops.launch_decode_swiglu, ops.launch_decode_residual) == recorders
+    assert whole_k != ops.decode_tiling(5120) and split != ops.residual_tiling(2048, False)
+

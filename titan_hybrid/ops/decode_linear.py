@@ -360,7 +360,7 @@ if triton is not None:
         tl.store(y_ptr + offs_m[:, None] * H + offs_h[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def decode_tiling(n: int, element_size: int = 2) -> dict:
+def decode_tiling(n: int) -> dict:
     """A decode GEMM's tiling for ``n`` output columns, the fastest of ``bench.decode_linear``'s sweep
     on an H200 (BENCHMARKS.md): 16-column blocks of 256-wide K tiles, 5 in flight, for the 308M
     model's 1-10 MB projections (at 1 and 16 rows alike); 64-column blocks for a vocabulary-sized
@@ -431,7 +431,7 @@ def decode_linear(
     decay = None if decay_bias is None else (decay_bias, decay_scale)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_linear(x, weight, bounds, sumsq, eps, decay, **decode_tiling(weight.shape[0], x.element_size()))
+            return launch_decode_linear(x, weight, bounds, sumsq, eps, decay, **decode_tiling(weight.shape[0]))
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_linear_torch(x, weight, widths, rstd, decay)
 
@@ -445,7 +445,7 @@ def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_sca
     return x.new_empty(M * (N - width)), x.new_empty(M, width, dtype=torch.float32)
 
 
-def residual_tiling(k: int, gated: bool, element_size: int = 2) -> dict:
+def residual_tiling(k: int, gated: bool) -> dict:
     """A residual GEMM's tiling (``SUMSQ_BLOCK``-column blocks) for ``k`` input columns: split-K,
     because its 1024 output columns make only 64 column blocks for an H200's 132 SMs, and the
     gated-heads prologue runs once per K tile of a CTA."""
@@ -521,7 +521,7 @@ def decode_linear_residual(
     gated = None if gate is None else (gate, head_weight, head_eps)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            tiling = residual_tiling(x.shape[1], gated is not None, x.element_size())
+            tiling = residual_tiling(x.shape[1], gated is not None)
             if arrivals is None:
                 tiling["split_k"] = 1
             return launch_decode_residual(x, weight, residual, norm_weight, gated, arrivals, **tiling)
@@ -542,7 +542,7 @@ def decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: f
     both products and the gate; ``sumsq`` as in ``decode_linear``."""
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_swiglu(x, weight, sumsq, eps, **decode_tiling(weight.shape[0], x.element_size()))
+            return launch_decode_swiglu(x, weight, sumsq, eps, **decode_tiling(weight.shape[0]))
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_swiglu_torch(x, weight, rstd)
 

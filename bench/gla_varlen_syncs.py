@@ -85,14 +85,21 @@ def main() -> None:
     inputs = [x.requires_grad_() for x in (q, k, v, g)]
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "documents": int(resets.sum()),
            "shape": [B, T, H, D], "layers": cli.layers}  # fmt: skip
-    rows = [measure(inputs, resets, cli.layers, cli.repeats, host_splits) for host_splits in (False, True)]
-    identical = all(torch.equal(a, b) for a, b in zip(rows[0].pop("result"), rows[1].pop("result")))
-    for row in rows:
-        line = json.dumps({**env, **row, "bitwise_equal_outputs_and_grads": identical})
-        print(line, flush=True)
-        if cli.out:
-            with open(cli.out, "a") as out:
-                out.write(line + "\n")
+    results = []
+    for host_splits in (False, True):  # each row printed as soon as it is measured
+        row = measure(inputs, resets, cli.layers, cli.repeats, host_splits)
+        results.append(row.pop("result"))
+        emit({**env, **row}, cli.out)
+    identical = all(torch.equal(a, b) for a, b in zip(*results))
+    emit({**env, "bitwise_equal_outputs_and_grads": identical}, cli.out)
+
+
+def emit(record: dict, out: str | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

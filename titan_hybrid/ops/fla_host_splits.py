@@ -30,11 +30,13 @@ def remember_host_copy(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor) -
 
 
 def host_split_count(cu_seqlens: torch.Tensor, split_size: int) -> int | None:
-    """``prepare_chunk_offsets(cu_seqlens, split_size)[-1]`` from the host copy; None without one."""
+    """``prepare_chunk_offsets(cu_seqlens, split_size)[-1]`` from the host copy (fla's function on
+    it, memoised by fla like the device one, so each layer's call after the first is a lookup);
+    None without one."""
     host = _host_copies.get(cu_seqlens)
     if host is None:
         return None
-    return int(((host[1:] - host[:-1] + split_size - 1) // split_size).sum())
+    return int(prepare_chunk_offsets(host, split_size)[-1])
 
 
 def _accepts(cu_seqlens: torch.Tensor | None) -> tuple[bool, str | None]:

@@ -37,7 +37,7 @@ from unittest import mock
 import torch
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
-from titan_hybrid.ops import decode_linear, fla_kernels
+from titan_hybrid.ops import decode_linear, gla
 
 MODELS = {
     "hybrid 308M (gggA x6)": "gggA" * 6,
@@ -91,13 +91,13 @@ def tilings(variant: dict):
     "K gated": tiling}}`` replace the tilings that ``decode_tiling(N)`` / ``residual_tiling(K, gated)``
     give the decode-GEMM launches of 16-bit inputs where named (an fp32 reference model keeps the
     shipped ones; a residual GEMM without split-K counters stays unsplit); ``"gla_step": {"block_v":
-    BV}`` launches fla's GLA step kernel on ``BV``-column state tiles. A captured step keeps the
-    tilings it was captured with."""
+    BV}`` launches fla's GLA step kernel on state tiles at most ``BV`` columns wide (64: fla's own
+    tiling; the ops' is ``gla.STEP_BLOCK_V``). A captured step keeps the tilings it was captured with."""
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
     launch_linear, launch_swiglu = decode_linear.launch_decode_linear, decode_linear.launch_decode_swiglu
-    launch_residual, shipped_step = decode_linear.launch_decode_residual, fla_kernels.fused_recurrent_tiling
-    block_v = variant.get("gla_step", {}).get("block_v")
+    launch_residual = decode_linear.launch_decode_residual
+    block_v = variant.get("gla_step", {}).get("block_v", gla.STEP_BLOCK_V)
 
     def linear_variant(launch):
         def launch_variant(x, weight, *args, **tiling):
@@ -113,15 +113,11 @@ def tilings(variant: dict):
             tiling["split_k"] = tiling["split_k"] if arrivals is not None else 1
         return launch_residual(x, weight, residual_in, norm_weight, gated, arrivals, **tiling)
 
-    def step_tiling(K: int, V: int) -> tuple[int, int, int, int]:
-        BK, BV, NK, NV = shipped_step(K, V)
-        return (BK, block_v, NK, -(-V // block_v)) if block_v else (BK, BV, NK, NV)
-
     with (
         mock.patch.object(decode_linear, "launch_decode_linear", linear_variant(launch_linear)),
         mock.patch.object(decode_linear, "launch_decode_swiglu", linear_variant(launch_swiglu)),
         mock.patch.object(decode_linear, "launch_decode_residual", residual_variant),
-        mock.patch.object(fla_kernels, "fused_recurrent_tiling", step_tiling),
+        mock.patch.object(gla, "STEP_BLOCK_V", block_v),
     ):
         yield
 

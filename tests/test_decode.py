@@ -200,3 +200,35 @@ def test_fused_projections_keep_weights_and_logits():
     torch.testing.assert_close(model.decode_step(tokens[:, 6], state), ref_step, rtol=1e-4, atol=1e-5)
     gla = model.layers["0"].mixer
     torch.testing.assert_close(gla.input_group.weight[-gla.key_dim :], gla.gk_up.weight @ gla.gk_down.weight)
+
+
+def test_fla_gla_step_launches_fla_kernel_on_narrow_state_tiles_in_place(monkeypatch):
+    """On CUDA the GLA decode step is fla's ``fused_recurrent_fwd_kernel`` on state tiles of
+    ``STEP_BLOCK_V`` columns (twice fla's programs for head size 64), the new state written over the
+    old one; a shape's first call lets fla's autotuner run on a scratch state. The kernel is swapped
+    for a recorder: no GPU here."""
+    import contextlib
+
+    from titan_hybrid.ops import fla_kernels, gla
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(fla_kernels, "fused_recurrent_fwd_kernel", Recorder())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(gla, "_TUNED_STEPS", set())
+    B, H, K, V = 3, 2, 64, 64
+    q, k, v = (torch.randn(B, 1, H, n, dtype=torch.bfloat16) for n in (K, K, V))
+    gk, state = torch.full((B, 1, H, K), -0.1), torch.randn(B, H, K, V)
+    for _ in range(2):
+        o = gla.fla_gla_step_in_place(q, k, v, gk, state, 0.125)
+    assert o.shape == v.shape and o.dtype == torch.bfloat16
+    assert gla.STEP_BLOCK_V == 32 and fla_kernels.fused_recurrent_tiling(K, V)[1] == 64
+    (tune_grid, tune), *runs = launches
+    assert len(runs) == 2 and tune["ht"] is not state and tune["h0"] is state
+    for grid, kwargs in runs:
+        assert grid == (2 * B * H,) and (kwargs["BK"], kwargs["BV"]) == (64, 32)
+        assert kwargs["h0"] is state and kwargs["ht"] is state and kwargs["o"].dtype == torch.bfloat16

@@ -34,7 +34,7 @@ def _summary(kwargs: dict) -> dict:
 
 @pytest.fixture
 def recorders(monkeypatch):
-    monkeypatch.setenv("TITAN_HYBRID_HOST_SPLITS", "1")
+    monkeypatch.delenv("TITAN_HYBRID_HOST_SPLITS", raising=False)  # the default: on
     ours, theirs = Recorder(), Recorder()
     for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
         monkeypatch.setattr(fla_host_splits, name, ours)
@@ -100,18 +100,19 @@ def test_state_gradients_launch_what_fla_launches(recorders):
     assert (dh.shape, dh.dtype, dh0.shape) == (dh_fla.shape, dh_fla.dtype, dh0_fla.shape) and dh.shape[1] == 1 + 2 + 3
 
 
-@pytest.mark.parametrize("setting", [None, "0"])
-def test_off_unless_its_environment_variable_says_1(recorders, monkeypatch, setting):
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_on_unless_its_environment_variable_says_0(recorders, monkeypatch, setting):
     ours, theirs = recorders
     if setting is None:
-        monkeypatch.delenv("TITAN_HYBRID_HOST_SPLITS")
+        monkeypatch.delenv("TITAN_HYBRID_HOST_SPLITS", raising=False)
     else:
         monkeypatch.setenv("TITAN_HYBRID_HOST_SPLITS", setting)
     _, k, v, gk, _ = _inputs()
     known = _documents([100, 200])
     remember_host_copy(known, known.clone())
     chunk_h.chunk_fwd_h(k=k, v=v, gk=gk, cu_seqlens=known, chunk_size=64)
-    assert not ours.launches and len(theirs.launches) == 1
+    launched = (ours if setting != "0" else theirs).launches
+    assert len(launched) == 1 and len(ours.launches) + len(theirs.launches) == 1
 
 
 def test_cu_seqlens_of_a_micro_batch_carry_their_host_copy():

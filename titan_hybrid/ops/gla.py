@@ -70,6 +70,23 @@ def fused_recurrent_gla(
 # (K, V, dtypes, device) of the step shapes whose kernel config fla's autotuner has chosen.
 _TUNED_STEPS: set[tuple] = set()
 
+# Widest state tile (value columns) a program of fla's step kernel takes. fla picks 64 (one
+# program per head and row for head size 64: 256 at batch 16 and 16 heads); 32 doubles the
+# programs, so more of the state's loads are in flight: the compiled all-GLA step at batch 16 and
+# 64k took 0.762 -> 0.747 ms and 0.758 -> 0.743 ms on an H100 in two sessions (BENCHMARKS.md).
+# Every program still reduces over the whole key dim, so the outputs are the same bits.
+STEP_BLOCK_V = 32
+
+
+def step_tiling(K: int, V: int) -> tuple[int, int, int, int]:
+    """fla's ``(BK, BV, NK, NV)`` for its fused-recurrent kernel, state tiles at most
+    ``STEP_BLOCK_V`` columns wide."""
+    from titan_hybrid.ops import fla_kernels
+
+    BK, BV, NK, _ = fla_kernels.fused_recurrent_tiling(K, V)
+    BV = min(BV, STEP_BLOCK_V)
+    return BK, BV, NK, -(-V // BV)
+
 
 def fla_gla_step_in_place(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, state: torch.Tensor, scale: float
@@ -82,13 +99,14 @@ def fla_gla_step_in_place(
     without them). Each program of the kernel loads its state tile before its loop and stores the
     same tile after it, so the alias is safe; fla's autotuner is not (it times each config by
     running it over and over), so a shape's first call tunes with a scratch final state. Key dims
-    above 64 (several key blocks, whose partial outputs fla sums) take fla's wrapper.
+    above 64 (several key blocks, whose partial outputs fla sums) take fla's wrapper. The state
+    tiles are ``step_tiling``'s, narrower than fla's.
     """
     from titan_hybrid.ops import fla_kernels
 
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BK, BV, NK, NV = fla_kernels.fused_recurrent_tiling(K, V)
+    BK, BV, NK, NV = step_tiling(K, V)
     if NK > 1:
         return call_fla_step(fla_kernels.fused_recurrent_gla, q, k, v, state=state, gk=gk, scale=scale).to(v.dtype)
     q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from _one_rank import DEBUG_CONFIG, ONE_RANK, loss_and_grads
 from torchtitan.config import ConfigManager
-from torchtitan.distributed import ParallelDims
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
 from titan_hybrid.models.hybrid.parallelize import parallelize_hybrid
-
-CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "debug_cpu.toml"
-ONE_RANK = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
-
-
-def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    loss.backward()
-    names = {n: n.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "") for n, _ in model.named_parameters()}
-    return loss.detach(), {names[n]: p.grad for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("mode, option", [("full", "2"), ("selective", "1"), ("selective", "2"), ("selective", "op")])
@@ -31,7 +19,7 @@ def test_ac_gives_the_loss_and_grads_of_none(mode, option):
     plain = HybridLM(hybrid_flavors["debug"])
     tokens = torch.randint(0, 1000, (2, 65))
     job_config = ConfigManager().parse_args([
-        "--job.config_file", str(CONFIG), "--activation_checkpoint.mode", mode,
+        "--job.config_file", str(DEBUG_CONFIG), "--activation_checkpoint.mode", mode,
         "--activation_checkpoint.selective_ac_option", option,
     ])  # fmt: skip
     checkpointed = parallelize_hybrid(copy.deepcopy(plain), ONE_RANK, job_config)
@@ -59,7 +47,7 @@ def test_depth_recurrence_under_ac_and_compile_gives_the_eager_loss_and_grads():
     assert plain.recurrence_on
     tokens = torch.randint(0, 1000, (2, 33))
     job_config = ConfigManager().parse_args([
-        "--job.config_file", str(CONFIG), "--activation_checkpoint.mode", "full", "--compile.enable",
+        "--job.config_file", str(DEBUG_CONFIG), "--activation_checkpoint.mode", "full", "--compile.enable",
     ])  # fmt: skip
     fast = parallelize_hybrid(copy.deepcopy(plain), ONE_RANK, job_config)
 

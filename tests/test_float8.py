@@ -6,24 +6,13 @@ exports) keeps its names and shapes."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
+from _one_rank import DEBUG_CONFIG, ONE_RANK, loss_and_grads
 from torchtitan.config import ConfigManager
-from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.model_converter import build_model_converters
 
 from titan_hybrid.models.hybrid import HybridLM, hybrid_flavors
-
-CONFIG = Path(__file__).resolve().parents[1] / "train_configs" / "debug_cpu.toml"
-ONE_RANK = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
-
-
-def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def test_float8_converter_swaps_the_block_linears_and_keeps_loss_grads_and_state_dict():
@@ -33,7 +22,7 @@ def test_float8_converter_swaps_the_block_linears_and_keeps_loss_grads_and_state
     plain = HybridLM(hybrid_flavors["debug"])
     plain.init_weights()
     job_config = ConfigManager().parse_args([
-        "--job.config_file", str(CONFIG), "--model.converters", "quantize.linear.float8",
+        "--job.config_file", str(DEBUG_CONFIG), "--model.converters", "quantize.linear.float8",
         "--quantize.linear.float8.emulate", "--quantize.linear.float8.filter_fqns", "mixer.gk_",
     ])  # fmt: skip
     converted = copy.deepcopy(plain)

@@ -74,7 +74,8 @@ _TUNED_STEPS: set[tuple] = set()
 # program per head and row for head size 64: 256 at batch 16 and 16 heads); 32 doubles the
 # programs, so more of the state's loads are in flight: the compiled all-GLA step at batch 16 and
 # 64k took 0.762 -> 0.747 ms and 0.758 -> 0.743 ms on an H100 in two sessions (BENCHMARKS.md).
-# Every program still reduces over the whole key dim, so the outputs are the same bits.
+# Every program still reduces over the whole key dim (no partial outputs to sum); the GPU parity
+# of the narrower tiles against the fp32 CPU path is in BENCHMARKS.md.
 STEP_BLOCK_V = 32
 
 

@@ -44,7 +44,7 @@ def test_each_bad_value_is_named_with_its_file(tmp_path):
         "weight = 0.5": 'weight = "0.5"',
         "steps = 30": "steps = 1.5",
         'sources = ["web"]': 'sources = ["web", 1]',
-        'flavor = "debug"': 'flavor = "huge"',
+        'flavor = "debug"': 'flavor = "huge"\nconverters = ["quantize.linear.float8", "float8"]',
     })  # fmt: skip
 
     with pytest.raises(ConfigValueError) as e:
@@ -60,6 +60,8 @@ def test_each_bad_value_is_named_with_its_file(tmp_path):
         f'{path}: [resilience] on_nonfinite_loss = "skpi": expected one of "stop", "skip"',
         f'{path}: [model] flavor = "huge": expected one of "debug", "308M", "gdn2_kla_1.3B", "gdn_attn_63M", '
         '"pgolf_gdn_attn" (python -m titan_hybrid.flavors lists them with their sizes)',
+        f'{path}: [model] converters = ["quantize.linear.float8", "float8"]: "float8" unknown; expected names '
+        'from "quantize.grouped_mm.float8", "quantize.grouped_mm.mx", "quantize.linear.float8", "quantize.linear.mx"',
     ]
 
 

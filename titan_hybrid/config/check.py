@@ -15,6 +15,7 @@ import json
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
+from torchtitan.protocols import model_converter
 from torchtitan.protocols.train_spec import get_train_spec
 
 
@@ -81,6 +82,17 @@ def check_job_config(config: Any) -> None:
             f"[model] flavor = {json.dumps(config.model.flavor)}: expected one of "
             + ", ".join(json.dumps(name) for name in flavors)
             + " (python -m titan_hybrid.flavors lists them with their sizes)"
+        )
+    # TorchTitan looks each name up in its converter registry only when it builds the model (a bare
+    # KeyError then); the registry is filled when torchtitan.components.quantization is imported.
+    converters = model_converter._registry_model_converter_cls
+    unknown = [name for name in config.model.converters if name not in converters]
+    if unknown:
+        problems.append(
+            f"[model] converters = {json.dumps(config.model.converters)}: "
+            + ", ".join(json.dumps(name) for name in unknown)
+            + " unknown; expected names from "
+            + ", ".join(json.dumps(name) for name in sorted(converters))
         )
     if problems:
         raise ConfigValueError("\n".join(f"{source}: {p}" for p in problems))

@@ -9,8 +9,9 @@ registered through fla's own backend registry for its ``common`` functions (as f
 is), counts the splits on the host and launches fla's own kernels with exactly fla's arguments.
 It accepts only ``cu_seqlens`` whose host copy ``remember_host_copy`` was given; any other call
 falls through to fla's function. On by default (``TITAN_HYBRID_HOST_SPLITS=0`` turns it off): on one
-H100 it took 18 GLA layers' forward + backward from 55 syncs to none, bitwise equal, and the shipped
-masked 308M run from 137.0-139.4k to 143.6k tokens/s (BENCHMARKS.md, "Host split counts").
+H100 it took 18 GLA layers' forward + backward on one micro-batch from 55 syncs to none besides the
+micro-batch's own (finding its documents), bitwise equal, and the shipped masked 308M run from
+137.0-139.4k to 143.6k tokens/s (BENCHMARKS.md, "Host split counts").
 """
 
 from __future__ import annotations

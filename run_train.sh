@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train titan-hybrid with torchrun: ./run_train.sh CONFIG.toml [--section.key value ...]
 #
-# Environment: NGPU (processes per node; default: GPUs present, else 2 CPU ranks; setting it skips
-# the count, which initialises CUDA),
+# Environment: NGPU (processes per node; default: the GPUs CUDA_VISIBLE_DEVICES names or nvidia-smi
+# lists, else 2 CPU ranks),
 # NNODES (default 1), RDZV_ENDPOINT (host:port of the c10d rendezvous, multi-node only; it assigns
 # the node ranks),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
@@ -36,10 +36,24 @@ export TITAN_HYBRID_CACHE_DIR
 cd "$REPO"
 
 PYTHON=${PYTHON:-python3}
+# GPUs this process may use, counted as CUDA does but without importing torch and initialising
+# CUDA (that took 6.5 s of a fresh H200 machine's 23 s start-up, BENCHMARKS.md): the devices
+# CUDA_VISIBLE_DEVICES names when it is set (empty: none), else the GPUs nvidia-smi lists.
+count_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        local devices=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
+        [[ -z "$devices" ]] && { echo 0; return; }
+        local commas=${devices//[^,]/}
+        echo $(( ${#commas} + 1 ))
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
 if [[ -z "${NGPU:-}" ]]; then
-    # Counting GPUs imports torch and initialises CUDA (6.5 s of a fresh H200 machine's start-up,
-    # BENCHMARKS.md), so only when NGPU is not given.
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+    GPUS=$(count_gpus)
     if [[ "$GPUS" -gt 0 ]]; then
         NGPU=$GPUS
     else

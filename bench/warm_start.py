@@ -1,6 +1,7 @@
 """Cold and warm warm-up of a config: launch to the end of step 1, with empty and with filled caches.
 
     python -m bench.warm_start CONFIG [--cache-dir DIR] [--label NAME] [--out FILE.jsonl] [-- OVERRIDES...]
+    python -m bench.warm_start CONFIG --warm-only --cache-dir FILLED_DIR [--repeat N] [...]
 
 Runs ``./run_train.sh CONFIG`` for one step twice with the same ``TITAN_HYBRID_CACHE_DIR``: first
 empty (cold: fla's Triton autotuning, Inductor's compiles), then as the first run left it (warm:
@@ -9,7 +10,9 @@ what a restart costs). Each run's time to rank 0's step-1 metric line is split a
 compiling, autotuning, the step itself). The cache variables that run_train.sh derives from the
 folder (``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ...) are dropped from the environment, so
 the cold run is cold. ``--cache-dir`` (kept; must be empty or absent) defaults to a temporary folder
-that is removed afterwards. Appends one JSON line to ``--out``.
+that is removed afterwards. ``--warm-only`` times restarts on a folder that earlier runs filled
+(``bench.train_throughput`` runs of the same config, say), ``--repeat`` times, with no cold run.
+Appends one JSON line to ``--out``; each run's log is beside it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ def cache_sizes(cache_dir: Path) -> dict[str, float]:
     return sizes
 
 
+def filled_cache_dir(path: Path | None) -> Path:
+    """The folder a warm-only run restarts on: it must hold what an earlier run compiled."""
+    if path is None or not path.is_dir() or not any(path.iterdir()):
+        raise SystemExit(f"--warm-only needs --cache-dir naming a folder that earlier runs filled (got {path})")
+    return path.resolve()
+
+
 def empty_cache_dir(path: Path | None) -> Path:
     """The given folder (absent or empty, else the cold run would not be cold), or a temporary one."""
     if path is None:
@@ -91,15 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="kept after the runs (default: a temp folder)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "warm_start.jsonl")
+    parser.add_argument("--warm-only", action="store_true", help="restart on --cache-dir as earlier runs left it")
+    parser.add_argument("--repeat", type=int, default=1, help="warm runs with --warm-only")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]  # after '--': run_train.sh overrides
 
     label = args.label or Path(args.config).stem
-    cache_dir = empty_cache_dir(args.cache_dir)
+    if args.warm_only:
+        cache_dir, kinds = filled_cache_dir(args.cache_dir), [f"warm{i + 1}" for i in range(args.repeat)]
+    else:
+        cache_dir, kinds = empty_cache_dir(args.cache_dir), ["cold", "warm"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         runs = {kind: timed_run(args.config, overrides, cache_dir, args.out.parent / f"{label}_{kind}.log")
-                for kind in ("cold", "warm")}  # fmt: skip
+                for kind in kinds}  # fmt: skip
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -108,7 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     for kind, run in runs.items():
         print(f"{label} {kind}: step 1 ends {run['warmup_s']:.1f} s after launch (start-up {run['startup_s']:.1f} s, "
               f"step 1 {run['step_1_s']:.1f} s); cache MiB {run['cache_mib']}")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
 

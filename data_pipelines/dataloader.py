@@ -306,4 +306,7 @@ def build_hybrid_dataloader(
         stream_ids=stream_ids,
         prefetch=2 * micro_batches,
     )
+    if isinstance(root, ProcessPrefetcher):
+        # TorchTitan builds the loader before the model: the loader process starts up meanwhile.
+        root.start()
     return HybridDataLoader(root, data.streams, stream_ids)

@@ -62,14 +62,28 @@ class ProcessPrefetcher(BaseNode[T]):
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.build, self.prefetch = build, prefetch
         self._source_state: dict[str, Any] | None = None
+        self._unread_fresh_child = False  # start()'s child, from the beginning, nothing read from it yet
+
+    def start(self) -> None:
+        """Launch the child now, from the beginning, rather than at the first ``iter()``: its start-up
+        (spawn, imports, building the streams, filling the shuffle buffers) then runs while the
+        trainer builds and compiles the model. The first ``reset()`` keeps it if it also starts
+        from the beginning and nothing was read yet; a loaded state replaces it."""
+        if self._process is None:
+            self._launch(None)
+            self._unread_fresh_child = True
 
     def reset(self, initial_state: dict[str, Any] | None = None):
         super().reset(initial_state)
+        if initial_state is None and self._unread_fresh_child and self._process.is_alive():
+            return
         self.shutdown()
         if initial_state is not None and initial_state[self.STEPS_SINCE_SNAPSHOT]:
             raise ValueError("ProcessPrefetcher loads only states snapshotted at the last item handed out")
+        self._launch(initial_state[self.SNAPSHOT] if initial_state is not None else None)
+
+    def _launch(self, initial: dict[str, Any] | None) -> None:
         self._source_state = None  # the child sends the source's state once it is built
-        initial = initial_state[self.SNAPSHOT] if initial_state is not None else None
         context = mp.get_context("spawn")
         self._queue, self._stop = context.Queue(maxsize=self.prefetch), context.Event()
         self._process = context.Process(
@@ -85,6 +99,7 @@ class ProcessPrefetcher(BaseNode[T]):
         _RUNNING.add(self)
 
     def next(self) -> T:
+        self._unread_fresh_child = False
         kind, item = self._receive()
         if kind == "start":
             kind, item = self._receive()
@@ -119,6 +134,7 @@ class ProcessPrefetcher(BaseNode[T]):
     def shutdown(self) -> None:
         """Stop the child: asked first, so that it exits through its own clean-up (killed
         processes leave their semaphores to the resource tracker, which warns about them)."""
+        self._unread_fresh_child = False
         if self._process is not None and self._process.is_alive():
             self._stop.set()
             self._process.join(timeout=_STOP_WAIT_S)

@@ -165,6 +165,31 @@ def test_loader_process_gives_the_thread_loaders_batches_and_checkpoints():
         assert_same(take(iter(resumed), 3), expected)
 
 
+def test_a_loader_process_started_early_serves_the_same_batches_and_yields_to_a_loaded_state():
+    """``start()`` (the trainer's loader starts while the model is built): the first ``iter()`` takes
+    its child over, with the same batches; a state loaded before reading replaces it."""
+    data = replace(fixture_data(shuffle_buffer=4), loader="process")
+    reference = loader(data, 1, 2)
+    reference_it = iter(reference)
+    expected = take(reference_it, 6)
+    saved = reference.state_dict()
+
+    early = loader(data, 1, 2)
+    early._root.start()
+    child = early._root._process.pid
+    early.state_dict()  # as DCP does, for a template: it must not restart the child either
+    assert_same(take(iter(early), 3), expected[:3])
+    assert early._root._process.pid == child
+
+    resumed = loader(data, 1, 2)
+    resumed._root.start()
+    replaced = resumed._root._process
+    resumed.state_dict()
+    resumed.load_state_dict(saved)
+    assert_same(take(iter(resumed), 3), take(reference_it, 3))
+    assert not replaced.is_alive()
+
+
 def test_loader_process_raises_the_data_error_with_its_traceback(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
     with pytest.raises(DataSourceError, match="bad.parquet") as error:

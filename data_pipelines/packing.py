@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from torchdata.nodes import BaseNode
-from torchtitan.components.loss import IGNORE_INDEX
 
 from .sources import END_THINK, THINK, Doc
+
+IGNORE_INDEX = -100
+"""Label of an unscored token: torch's cross-entropy default, TorchTitan's ``IGNORE_INDEX``. Not
+imported from TorchTitan, whose packages the loader process would then import (``streams``)."""
 
 Encoded = tuple[list[int], int, str]
 """A document's token ids, how many leading ones are unsupervised prompt, and its source."""

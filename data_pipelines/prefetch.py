@@ -58,6 +58,7 @@ class ProcessPrefetcher(BaseNode[T]):
     def __init__(self, build: Callable[[], BaseNode[T]], prefetch: int):
         super().__init__()
         self._process: mp.process.BaseProcess | None = None
+        self._job: mp.Queue | None = None
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.build, self.prefetch = build, prefetch
@@ -86,9 +87,15 @@ class ProcessPrefetcher(BaseNode[T]):
         self._source_state = None  # the child sends the source's state once it is built
         context = mp.get_context("spawn")
         self._queue, self._stop = context.Queue(maxsize=self.prefetch), context.Event()
+        # The factory (a tokenizer in it: megabytes) goes through a queue, whose feeder thread writes
+        # it. As an argument of the Process, start() would write it and so wait until the child had
+        # started and imported all that unpickling it needs (12 s on an H100 machine).
+        # Kept while the child lives: its semaphores must outlast the child's unpickling of it.
+        self._job = job = context.Queue(maxsize=1)
+        job.cancel_join_thread()  # a child that died unread must not hold this process's exit
         self._process = context.Process(
             target=_produce,
-            args=(self.build, initial, self._queue, self._stop, os.getpid()),
+            args=(job, self._queue, self._stop, os.getpid()),
             name="titan_hybrid-data",
             # Not a daemon: a daemonic process may not start children, and with
             # worker_method = "process" the child's tokenizer workers are its children. Exits are
@@ -96,6 +103,8 @@ class ProcessPrefetcher(BaseNode[T]):
             daemon=False,
         )
         self._process.start()
+        job.put((self.build, initial))
+        job.close()
         _RUNNING.add(self)
 
     def next(self) -> T:
@@ -141,33 +150,43 @@ class ProcessPrefetcher(BaseNode[T]):
             if self._process.is_alive():  # busy producing an item for longer
                 self._process.terminate()
                 self._process.join()
-        self._process = None
+        self._process = self._job = None
 
     def __del__(self):
         self.shutdown()
 
 
-def _produce(
-    build: Callable[[], BaseNode[T]], state: dict[str, Any] | None, out: mp.Queue, stop: Event, parent: int
-) -> None:
-    """Child process: put ``(kind, item, state after it)`` tuples until the source ends or fails, or until
-    asked to stop."""
-    out.cancel_join_thread()  # at exit, never wait to flush items that no one will read
+def _produce(job: mp.Queue, out: mp.Queue, stop: Event, parent: int) -> None:
+    """Child process: take ``(build, state)`` from ``job``, then put ``(kind, item, state after it)``
+    tuples until the source ends or fails, or until asked to stop."""
+
+    def orphaned_or_stopped() -> bool:
+        return os.getppid() != parent or stop.is_set()
 
     def put(message: tuple) -> bool:
         # Pickled here, by value: tensors shared through file descriptors would need this
         # process alive until the trainer has read them.
         message = pickle.dumps(message)
         # A parent killed with SIGKILL leaves no one to read (and no one to set ``stop``).
-        while os.getppid() == parent and not stop.is_set():
+        while not orphaned_or_stopped():
             try:
                 out.put(message, timeout=_POLL_S)
                 return True
             except queue.Full:
                 continue
+        # No one will read: exit without flushing. Otherwise exiting waits until the queue's feeder
+        # thread has written the last message (the end, or an error), which must reach the trainer.
+        out.cancel_join_thread()
         return False
 
     try:
+        while True:
+            try:
+                build, state = job.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if orphaned_or_stopped():
+                    return
         node = build()
         node.reset(state)
         if not put(("start", None, node.state_dict())):

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 from torchdata.nodes import Mapper
 from torchtitan.config import JobConfig
 
-from .dataloader import Batch, DataConfigError, SOURCES, document_columns, holdout_shards, source_of
 from .packing import Encoder, Packer, check_special_tokens, collate
 from .sources import ShardSource, list_shards
+from .streams import SOURCES, Batch, DataConfigError, document_columns, holdout_shards, source_of
 
 
 def validation_files(job_config: JobConfig, name: str) -> list[str]:

@@ -1,6 +1,7 @@
 """The [hybrid_data] pipeline on the fixture shards: determinism, mixing, sharding, resume, formatting, errors."""
 
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -19,9 +20,11 @@ import torch
 from tokenizers import Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 
-from data_pipelines.dataloader import HybridDataLoader, build_batches, build_documents, build_source, streams_of_rank
+from data_pipelines.dataloader import HybridDataLoader, build_batches, streams_of_rank
+from data_pipelines import packing
 from data_pipelines.packing import Encoder
 from data_pipelines.sources import DataSourceError, list_shards
+from data_pipelines.streams import build_documents, build_source
 from titan_hybrid.config.job_config import HybridData, ReasoningSource, TextSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +191,24 @@ def test_a_loader_process_started_early_serves_the_same_batches_and_yields_to_a_
     resumed.load_state_dict(saved)
     assert_same(take(iter(resumed), 3), take(reference_it, 3))
     assert not replaced.is_alive()
+
+
+def test_the_loader_process_imports_no_torchtitan():
+    """What the loader process imports: the trainer's main module (spawn imports it) and all that
+    unpickling its factory needs. TorchTitan's packages would add seconds before every first batch."""
+    factory = build_batches(replace(fixture_data(), loader="process"), TOKENIZER, EOS, SEQ_LEN, BATCH, [0, 1]).build
+    child = (
+        "import pickle, sys; import titan_hybrid.train; pickle.loads(sys.stdin.buffer.read()); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchtitan'))"
+    )
+    done = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(factory), capture_output=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "[]"
+
+
+def test_packed_labels_skip_what_torchtitan_s_loss_skips():
+    assert packing.IGNORE_INDEX == IGNORE_INDEX
 
 
 def test_loader_process_raises_the_data_error_with_its_traceback(tmp_path):

@@ -14,8 +14,8 @@ from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import ConfigManager
 
 from data_pipelines.dataloader import SOURCES, DataConfigError, HybridDataLoader, build_batches, streams_of_rank
-from data_pipelines.dataloader import training_shards
 from data_pipelines.sources import DataSourceError
+from data_pipelines.streams import training_shards
 from data_pipelines.validation import build_validation_sets, validation_files
 from titan_hybrid.bpb import token_byte_lengths
 from titan_hybrid.evaluate import documents, evaluate_texts

@@ -7,10 +7,11 @@ Runs ``./run_train.sh CONFIG`` for one step twice with the same ``TITAN_HYBRID_C
 empty (cold: fla's Triton autotuning, Inductor's compiles), then as the first run left it (warm:
 what a restart costs). Each run's time to rank 0's step-1 metric line is split at TorchTitan's
 "Training starts" line into start-up (imports, model, data loader) and step 1 (Dynamo tracing,
-compiling, autotuning, the step itself). The cache variables that run_train.sh derives from the
-folder (``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ...) are dropped from the environment, so
-the cold run is cold. ``--cache-dir`` (kept; must be empty or absent) defaults to a temporary folder
-that is removed afterwards. ``--warm-only`` times restarts on a folder that earlier runs filled
+compiling, autotuning, the step itself; for compiled runs also the part of it spent waiting for the
+first batch, marked by Dynamo's first trace under ``TORCH_LOGS=dynamo``). The cache variables that
+run_train.sh derives from the folder (``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ...) are
+dropped from the environment, so the cold run is cold. ``--cache-dir`` (kept; must be empty or
+absent) defaults to a temporary folder that is removed afterwards. ``--warm-only`` times restarts on a folder that earlier runs filled
 (``bench.train_throughput`` runs of the same config, say), ``--repeat`` times, with no cold run.
 Appends one JSON line to ``--out``; each run's log is beside it.
 """
@@ -33,6 +34,9 @@ from bench.train_throughput import environment
 ROOT = Path(__file__).resolve().parents[1]
 STEP_1 = re.compile(r"(?<!validate )step:\s*1\s+loss:")
 TRAINING_STARTS = re.compile(r"Training starts at step")
+# Dynamo's first trace needs the first batch (its block mask or the first block's forward), so with
+# TORCH_LOGS=dynamo (set unless the caller sets TORCH_LOGS) it marks when the data loader delivered.
+FIRST_TRACE = re.compile(r"torchdynamo start tracing")
 # What run_train.sh sets from TITAN_HYBRID_CACHE_DIR; a value from the caller would win there.
 CACHE_VARS = (
     "TRITON_CACHE_DIR",
@@ -47,6 +51,7 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
     """One step of training; seconds from the launch to "Training starts" and to the step-1 line."""
     env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
     env.update(TITAN_HYBRID_CACHE_DIR=str(cache_dir), LOG_RANK="0", PYTHON=env.get("PYTHON", sys.executable))
+    env.setdefault("TORCH_LOGS", "dynamo")
     marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="warm_start_dump_") as dump:
         # Plain metric lines: on a terminal-less GPU run TorchTitan colours them, which STEP_1 would miss.
@@ -59,15 +64,19 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
         ) as proc:
             for line in proc.stdout:
                 log.write(line)
-                for name, pattern in (("training_starts", TRAINING_STARTS), ("step_1", STEP_1)):
+                for name, pattern in (("training_starts", TRAINING_STARTS), ("first_trace", FIRST_TRACE),
+                                      ("step_1", STEP_1)):  # fmt: skip
                     if name not in marks and pattern.search(line):
                         marks[name] = time.monotonic() - start
     if proc.returncode != 0 or "step_1" not in marks:
         sys.stdout.write(log_path.read_text()[-4000:])
         raise SystemExit(f"training exited with {proc.returncode} before step 1 ended; log: {log_path}")
     startup = marks.get("training_starts", float("nan"))
-    return {"warmup_s": round(marks["step_1"], 1), "startup_s": round(startup, 1),
-            "step_1_s": round(marks["step_1"] - startup, 1), "cache_mib": cache_sizes(cache_dir)}  # fmt: skip
+    run = {"warmup_s": round(marks["step_1"], 1), "startup_s": round(startup, 1),
+           "step_1_s": round(marks["step_1"] - startup, 1), "cache_mib": cache_sizes(cache_dir)}  # fmt: skip
+    if "first_trace" in marks:  # compiled runs: step 1 = waiting for the first batch + compiling and running
+        run["first_batch_wait_s"] = round(marks["first_trace"] - startup, 1)
+    return run
 
 
 def cache_sizes(cache_dir: Path) -> dict[str, float]:
@@ -122,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {"label": label, "config": args.config, "overrides": overrides, **runs, **environment(),
               "ngpu": int(os.environ.get("NGPU", "0")) or None}  # fmt: skip
     for kind, run in runs.items():
+        wait = f", {run['first_batch_wait_s']:.1f} s of it until the first batch" if "first_batch_wait_s" in run else ""
         print(f"{label} {kind}: step 1 ends {run['warmup_s']:.1f} s after launch (start-up {run['startup_s']:.1f} s, "
-              f"step 1 {run['step_1_s']:.1f} s); cache MiB {run['cache_mib']}")  # fmt: skip
+              f"step 1 {run['step_1_s']:.1f} s{wait}); cache MiB {run['cache_mib']}")  # fmt: skip
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
 

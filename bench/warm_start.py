@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP_1 = re.compile(r"(?<!validate )step:\s*1\s+loss:")
 TRAINING_STARTS = re.compile(r"Training starts at step")
 # Dynamo's first trace needs the first batch (its block mask or the first block's forward), so with
-# TORCH_LOGS=dynamo (set unless the caller sets TORCH_LOGS) it marks when the data loader delivered.
+# TORCH_LOGS=dynamo (set, with recompiles, unless the caller sets TORCH_LOGS) it marks when the data loader delivered.
 FIRST_TRACE = re.compile(r"torchdynamo start tracing")
 # What run_train.sh sets from TITAN_HYBRID_CACHE_DIR; a value from the caller would win there.
 CACHE_VARS = (
@@ -51,7 +51,7 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
     """One step of training; seconds from the launch to "Training starts" and to the step-1 line."""
     env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
     env.update(TITAN_HYBRID_CACHE_DIR=str(cache_dir), LOG_RANK="0", PYTHON=env.get("PYTHON", sys.executable))
-    env.setdefault("TORCH_LOGS", "dynamo")
+    env.setdefault("TORCH_LOGS", "dynamo,recompiles")  # recompiles: why a graph is compiled again
     marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="warm_start_dump_") as dump:
         # Plain metric lines: on a terminal-less GPU run TorchTitan colours them, which STEP_1 would miss.

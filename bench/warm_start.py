@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP_1 = re.compile(r"(?<!validate )step:\s*1\s+loss:")
 TRAINING_STARTS = re.compile(r"Training starts at step")
 # Dynamo's first trace needs the first batch (its block mask or the first block's forward), so with
-# TORCH_LOGS=dynamo (set, with recompiles, unless the caller sets TORCH_LOGS) it marks when the data loader delivered.
+# TORCH_LOGS=dynamo (set, with recompiles, unless the caller sets TORCH_LOGS) it marks when the data
+# loader delivered.
 FIRST_TRACE = re.compile(r"torchdynamo start tracing")
 # What run_train.sh sets from TITAN_HYBRID_CACHE_DIR; a value from the caller would win there.
 CACHE_VARS = (

@@ -2,7 +2,7 @@
 # Train titan-hybrid with torchrun: ./run_train.sh CONFIG.toml [--section.key value ...]
 #
 # Environment: NGPU (processes per node; default: the GPUs CUDA_VISIBLE_DEVICES names or nvidia-smi
-# lists, else 2 CPU ranks),
+# lists when torch is a CUDA build, else 2 CPU ranks),
 # NNODES (default 1), RDZV_ENDPOINT (host:port of the c10d rendezvous, multi-node only; it assigns
 # the node ranks),
 # PYTHON (interpreter; default python3), LOG_RANK (ranks whose output is shown; default 0),
@@ -36,24 +36,9 @@ export TITAN_HYBRID_CACHE_DIR
 cd "$REPO"
 
 PYTHON=${PYTHON:-python3}
-# GPUs this process may use, counted as CUDA does but without importing torch and initialising
-# CUDA (that took 6.5 s of a fresh H200 machine's 23 s start-up, BENCHMARKS.md): the devices
-# CUDA_VISIBLE_DEVICES names when it is set (empty: none), else the GPUs nvidia-smi lists.
-count_gpus() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        local devices=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
-        [[ -z "$devices" ]] && { echo 0; return; }
-        local commas=${devices//[^,]/}
-        echo $(( ${#commas} + 1 ))
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true
-    else
-        echo 0
-    fi
-}
-
 if [[ -z "${NGPU:-}" ]]; then
-    GPUS=$(count_gpus)
+    # As torch.cuda.device_count() counts them, without importing torch (that took seconds).
+    GPUS=$("$PYTHON" -m titan_hybrid.platform.gpu_count)
     if [[ "$GPUS" -gt 0 ]]; then
         NGPU=$GPUS
     else

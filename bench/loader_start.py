@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.train_throughput import environment, parse_with_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,14 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # one run, JSON on stdout
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]
+    args, overrides = parse_with_overrides(parser, argv)
 
     if args.in_process:
         print(json.dumps(first_batch(args.config, overrides)))
         return
     command = [sys.executable, "-m", "bench.loader_start", args.config, "--in-process", "--", *overrides]
+    versions = environment() if args.out else {}
     for run in range(1, args.repeat + 1):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
@@ -62,10 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run {run}: loader built in {result['build_s']:.2f} s, first batch {result['first_batch_s']:.2f} s "
               f"after the build started")  # fmt: skip
         if args.out:
-            from bench.train_throughput import environment
-
             line = {"label": args.label or Path(args.config).stem, "config": args.config, "overrides": overrides,
-                    "run": run, **result, **environment()}  # fmt: skip
+                    "run": run, **result, **versions}  # fmt: skip
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -46,6 +46,13 @@ def environment() -> dict[str, str]:
     return versions
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The bench's own arguments, and what follows ``--``: TorchTitan overrides for run_train.sh."""
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    return parser.parse_args(argv[:split]), argv[split + 1 :]
+
+
 def run(config: str, steps: int, overrides: list[str], log_path: Path) -> tuple[list[dict], float, int]:
     """Run training; returns the parsed metric lines, seconds to the first one, and the exit code."""
     cmd = [str(ROOT / "run_train.sh"), config, "--training.steps", str(steps), "--metrics.log_freq", "1",
@@ -96,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line here")
     parser.add_argument("--log", type=Path, default=None, help="training log (default: next to --out)")
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]  # after '--': run_train.sh overrides
+    args, overrides = parse_with_overrides(parser, argv)
 
     label = args.label or Path(args.config).stem
     log_path = args.log or (args.out.parent if args.out else Path(".")) / f"{label}.log"

@@ -11,8 +11,9 @@ compiling, autotuning, the step itself; for compiled runs also the part of it sp
 first batch, marked by Dynamo's first trace under ``TORCH_LOGS=dynamo``). The cache variables that
 run_train.sh derives from the folder (``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ...) are
 dropped from the environment, so the cold run is cold. ``--cache-dir`` (kept; must be empty or
-absent) defaults to a temporary folder that is removed afterwards. ``--warm-only`` times restarts on a folder that earlier runs filled
-(``bench.train_throughput`` runs of the same config, say), ``--repeat`` times, with no cold run.
+absent) defaults to a temporary folder that is removed afterwards. ``--warm-only`` times restarts
+on a folder that earlier runs filled (``bench.train_throughput`` runs of the same config, say),
+``--repeat`` times, with no cold run.
 Appends one JSON line to ``--out``; each run's log is beside it.
 """
 
@@ -29,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.train_throughput import environment
+from bench.train_throughput import environment, parse_with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_1 = re.compile(r"(?<!validate )step:\s*1\s+loss:")
@@ -113,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "warm_start.jsonl")
     parser.add_argument("--warm-only", action="store_true", help="restart on --cache-dir as earlier runs left it")
     parser.add_argument("--repeat", type=int, default=1, help="warm runs with --warm-only")
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]  # after '--': run_train.sh overrides
+    args, overrides = parse_with_overrides(parser, argv)
 
     label = args.label or Path(args.config).stem
     if args.warm_only:

@@ -56,6 +56,10 @@ class GatedLinearAttention(nn.Module):
         )  # fmt: skip
         self.output_group = LinearGroup([self.o_proj])
 
+    def decode_groups(self) -> list[LinearGroup]:
+        """The fused GEMMs in the order a decode step runs them (``fused.chain_prefetches``)."""
+        return [self.input_group, self.output_group]
+
     def _inputs(self, x: torch.Tensor | PreNormed) -> tuple[torch.Tensor, ...]:
         """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads
         (of ``RMSNorm(x)`` for a ``PreNormed`` decode stream, which takes the fused GEMM)."""

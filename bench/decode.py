@@ -93,7 +93,8 @@ def tilings(variant: dict):
     shipped ones; a residual GEMM without split-K counters stays unsplit); ``"gla_step": {"block_v":
     BV}`` launches fla's GLA step kernel on state tiles at most ``BV`` columns wide (64: fla's own
     tiling; the ops' is ``gla.STEP_BLOCK_V``); ``"prefetch": false`` turns the decode GEMMs' L2 prefetch
-    of the next GEMM's weights off. A captured step keeps the tilings it was captured with."""
+    off, ``"prefetch_state": false`` only its recurrent-state part. A captured step keeps the tilings it
+    was captured with."""
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
     launch_linear, launch_swiglu = decode_linear.launch_decode_linear, decode_linear.launch_decode_swiglu
@@ -102,9 +103,10 @@ def tilings(variant: dict):
 
     def linear_variant(launch):
         def launch_variant(x, weight, *args, prefetch=None, **tiling):
+            prefetches = {key: tiling.pop(key) for key in ("prefetch_state",) if key in tiling}
             if x.element_size() == 2:
                 tiling = linear.get(weight.shape[0], tiling)
-            return launch(x, weight, *args, prefetch=prefetch, **tiling)
+            return launch(x, weight, *args, prefetch=prefetch, **prefetches, **tiling)
 
         return launch_variant
 
@@ -119,7 +121,8 @@ def tilings(variant: dict):
         mock.patch.object(decode_linear, "launch_decode_swiglu", linear_variant(launch_swiglu)),
         mock.patch.object(decode_linear, "launch_decode_residual", residual_variant),
         mock.patch.object(gla, "STEP_BLOCK_V", block_v),
-        mock.patch.object(decode_linear, "PREFETCH_NEXT", variant.get("prefetch", decode_linear.PREFETCH_NEXT)),
+        mock.patch.object(decode_linear, "L2_PREFETCH", variant.get("prefetch", decode_linear.L2_PREFETCH)),
+        mock.patch.object(decode_linear, "PREFETCH_STATE", variant.get("prefetch_state", decode_linear.PREFETCH_STATE)),
     ):
         yield
 

@@ -128,8 +128,10 @@ def check_kernels(device: str) -> list[str]:
                 decode_linear_residual_torch(hidden, w2, residual, norm.weight, gated),
             ),
             # L2 prefetch of another matrix (on Hopper; elsewhere the kernels ignore it): no value changes.
-            "segments + L2 prefetch": (launch_decode_linear(x, weight, bounds, prefetch=w2),
-                                       decode_linear_torch(x, weight, widths)),  # fmt: skip
+            "segments + L2 prefetch of two regions": (
+                launch_decode_linear(x, weight, bounds, prefetch=w2, prefetch_state=gated[0]),
+                decode_linear_torch(x, weight, widths),
+            ),
             "split-K residual + next norm + L2 prefetch of 96 bytes": (
                 launch_decode_residual(hidden, w2, residual, norm.weight, arrivals=arrivals, prefetch=bias, split_k=2),
                 decode_linear_residual_torch(hidden, w2, residual, norm.weight),

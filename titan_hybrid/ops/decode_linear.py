@@ -44,7 +44,8 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 
 MAX_ROWS = 16  # tl.dot's smallest tile; a decode step has one row per sequence
 SUMSQ_BLOCK = 16  # columns per partial sum of squares (the residual kernel's column block)
-PREFETCH_NEXT = True  # L2 prefetch of the next GEMM's weights (bench.decode's variants switch it off)
+L2_PREFETCH = True  # the decode GEMMs' L2 prefetch (bench.decode's variants switch it off) ...
+PREFETCH_STATE = True  # ... or only its recurrent-state part (``decode_linear``'s ``prefetch_state``)
 PREFETCH_PIECE = 128  # bytes: the least one thread asks L2 for (a cache line)
 PREFETCH_MAX_BYTES = 32 << 20  # at most this much of a target: the rest would evict what it brought
 
@@ -263,22 +264,25 @@ if triton is not None:
 
     @triton.jit
     def decode_linear_kernel(
-        x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, pf_ptr, M, N, P, stride_xm, eps, decay_from,
-        decay_scale, pf_piece, pf_total, K: tl.constexpr, N_SEGMENTS: tl.constexpr, NORM: tl.constexpr,
-        DECAY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-        THREADS: tl.constexpr,
+        x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, pf_ptr, pf2_ptr, M, N, P, stride_xm, eps,
+        decay_from, decay_scale, pf_piece, pf_total, pf2_piece, pf2_total, K: tl.constexpr, N_SEGMENTS: tl.constexpr,
+        NORM: tl.constexpr, DECAY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr, PREFETCH2: tl.constexpr, THREADS: tl.constexpr,
     ):  # fmt: skip
         """One CTA per ``BLOCK_N`` output columns, all M rows. Column ``n`` of segment ``[lo, hi)``
         lands at ``M * lo + m * (hi - lo) + (n - lo)`` of the flat output; the columns from
         ``decay_from`` on (none without ``DECAY``: ``decay_from = N``) go to ``decay_ptr`` (fp32,
-        activated) instead."""
+        activated) instead. ``PREFETCH2``: a second region to ask L2 for (what the kernel between this
+        one and the next GEMM reads)."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = offs_m < M
         col_ok = offs_n < N
         decayed = offs_n >= decay_from
         w_first = _weight_tile(w_ptr, offs_n, col_ok, 0, K, BLOCK_K)
+        if PREFETCH2:
+            _prefetch_l2(pf2_ptr, pf2_piece, pf2_total, THREADS)
         if PREFETCH:
             _prefetch_l2(pf_ptr, pf_piece, pf_total, THREADS)
         _await_inputs(PDL)
@@ -409,7 +413,7 @@ def _prefetch_args(target: Tensor | None, x: Tensor, ctas: int, num_warps: int) 
     first ``PREFETCH_MAX_BYTES``) shared out over every thread of ``ctas`` CTAs, in pieces of whole
     ``PREFETCH_PIECE`` bytes. Off without a target, without Hopper's bulk prefetch or for a target
     not 16-byte aligned (what the instruction asks)."""
-    if target is None or not PREFETCH_NEXT or not _pdl(x) or target.data_ptr() % 16:
+    if target is None or not L2_PREFETCH or not _pdl(x) or target.data_ptr() % 16:
         return x, 0, 0, False
     total = min(target.numel() * target.element_size(), PREFETCH_MAX_BYTES) // 16 * 16
     piece = triton.cdiv(triton.cdiv(total, ctas * num_warps * 32), PREFETCH_PIECE) * PREFETCH_PIECE
@@ -433,12 +437,12 @@ def _norm_args(sumsq: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
 
 def launch_decode_linear(
     x: Tensor, weight: Tensor, bounds: Tensor, sumsq: Tensor | None = None, eps: float = 0.0,
-    decay: tuple[Tensor, float] | None = None, prefetch: Tensor | None = None, block_n: int = 16, block_k: int = 256,
-    num_warps: int = 2, num_stages: int = 5,
+    decay: tuple[Tensor, float] | None = None, prefetch: Tensor | None = None, prefetch_state: Tensor | None = None,
+    block_n: int = 16, block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``decode_linear_kernel`` on ``x [M, K]`` (M <= 16, unit stride in K), a contiguous
     ``weight [N, K]``, ``bounds`` (int32: 0, then each segment's first column); ``prefetch``: the
-    weight of the GEMM that runs next."""
+    weight of the GEMM that runs next; ``prefetch_state``: what the kernel before that reads."""
     M, K = x.shape
     N = weight.shape[0]
     if decay is None:
@@ -451,12 +455,13 @@ def launch_decode_linear(
     sumsq, P, block_p = _norm_args(sumsq, x)
     pdl, ctas = _pdl(x), triton.cdiv(N, block_n)
     pf, pf_piece, pf_total, pf_on = _prefetch_args(prefetch, x, ctas, num_warps)
+    pf2, pf2_piece, pf2_total, pf2_on = _prefetch_args(prefetch_state if PREFETCH_STATE else None, x, ctas, num_warps)
     decode_linear_kernel[(ctas,)](
-        x, weight, y, bounds, sumsq, decay_out, bias, pf, M, N, P, x.stride(0), eps, decay_from, scale, pf_piece,
-        pf_total, K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
-        PDL=pdl, PREFETCH=pf_on, THREADS=num_warps * 32, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
+        x, weight, y, bounds, sumsq, decay_out, bias, pf, pf2, M, N, P, x.stride(0), eps, decay_from, scale, pf_piece,
+        pf_total, pf2_piece, pf2_total, K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0,
+        DECAY=decay is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p,
+        PRECISION=_precision(x), PDL=pdl, PREFETCH=pf_on, PREFETCH2=pf2_on, THREADS=num_warps * 32,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y, decay_out
 
@@ -465,24 +470,28 @@ def launch_decode_linear(
 def decode_linear(
     x: Tensor, weight: Tensor, bounds: Tensor, widths: list[int], sumsq: Tensor | None = None, eps: float = 0.0,
     decay_bias: Tensor | None = None, decay_scale: float = 1.0, prefetch: Tensor | None = None,
+    prefetch_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``x [M, K] @ weight^T`` as the flat concatenation of its contiguous ``[M, width]`` column
     blocks (``split_segments`` views them). ``sumsq``: ``x`` is a ``PreNormed.scaled`` and the
     product is multiplied by its rows' ``rstd``. ``decay_bias``: the last block comes back
     separately as GLA's log-decay ``logsigmoid(y + bias) * decay_scale`` (fp32; empty without).
-    ``prefetch``: what the next kernel reads (a weight), asked of L2 on the way (a hint: no value
-    depends on it)."""
+    ``prefetch``: the next GEMM's weight, asked of L2 on the way (a hint: no value depends on it);
+    ``prefetch_state``: the same for what the kernel between the two reads (a recurrent state)."""
     decay = None if decay_bias is None else (decay_bias, decay_scale)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
             tiling = decode_tiling(weight.shape[0])
-            return launch_decode_linear(x, weight, bounds, sumsq, eps, decay, prefetch=prefetch, **tiling)
+            return launch_decode_linear(
+                x, weight, bounds, sumsq, eps, decay, prefetch=prefetch, prefetch_state=prefetch_state, **tiling
+            )
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_linear_torch(x, weight, widths, rstd, decay)
 
 
 @decode_linear.register_fake
-def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_scale=1.0, prefetch=None):
+def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_scale=1.0, prefetch=None,
+      prefetch_state=None):  # fmt: skip
     M, N = x.shape[0], weight.shape[0]
     if decay_bias is None:
         return x.new_empty(M * N), x.new_empty(0, dtype=torch.float32)

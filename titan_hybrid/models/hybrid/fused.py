@@ -53,9 +53,10 @@ class LinearGroup:
         for lin, rows in zip(linears, self.weight.split(self.sizes)):
             lin.weight = nn.Parameter(rows, requires_grad=lin.weight.requires_grad)
 
-    def __call__(self, x: torch.Tensor | PreNormed) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor | PreNormed, prefetch_state: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Each linear's output of ``x``, or of ``RMSNorm(x)`` for a ``PreNormed`` stream; a decode
-        step's (at most ``MAX_ROWS`` rows) each contiguous."""
+        step's (at most ``MAX_ROWS`` rows) each contiguous. ``prefetch_state``: the recurrent state
+        that the kernel after this GEMM reads, asked of L2 with the next GEMM's weight."""
         inputs = x.scaled if isinstance(x, PreNormed) else x
         lead, width = inputs.shape[:-1], inputs.shape[-1]
         rows = inputs.numel() // width
@@ -67,8 +68,9 @@ class LinearGroup:
             return tuple(parts)
         sumsq, eps = (x.sumsq, x.eps) if isinstance(x, PreNormed) else (None, 0.0)
         flat, decayed = decode_linear(
-            inputs.reshape(rows, width), self.weight, self.bounds, self.sizes, sumsq, eps, bias, scale, self.prefetch
-        )
+            inputs.reshape(rows, width), self.weight, self.bounds, self.sizes, sumsq, eps, bias, scale, self.prefetch,
+            prefetch_state,
+        )  # fmt: skip
         blocks = split_segments(flat, rows, self.sizes[:-1] if bias is not None else self.sizes)
         blocks += [decayed] if bias is not None else []
         return tuple(block.view(*lead, -1) for block in blocks)

@@ -92,9 +92,7 @@ def tilings(variant: dict):
     give the decode-GEMM launches of 16-bit inputs where named (an fp32 reference model keeps the
     shipped ones; a residual GEMM without split-K counters stays unsplit); ``"gla_step": {"block_v":
     BV}`` launches fla's GLA step kernel on state tiles at most ``BV`` columns wide (64: fla's own
-    tiling; the ops' is ``gla.STEP_BLOCK_V``); ``"prefetch": false`` turns the decode GEMMs' L2 prefetch
-    off, ``"prefetch_state": false`` only its recurrent-state part. A captured step keeps the tilings it
-    was captured with."""
+    tiling; the ops' is ``gla.STEP_BLOCK_V``). A captured step keeps the tilings it was captured with."""
     linear = {int(n): t for n, t in variant.get("linear", {}).items()}
     residual = {(int(k.split()[0]), k.endswith("gated")): t for k, t in variant.get("residual", {}).items()}
     launch_linear, launch_swiglu = decode_linear.launch_decode_linear, decode_linear.launch_decode_swiglu
@@ -102,27 +100,24 @@ def tilings(variant: dict):
     block_v = variant.get("gla_step", {}).get("block_v", gla.STEP_BLOCK_V)
 
     def linear_variant(launch):
-        def launch_variant(x, weight, *args, prefetch=None, **tiling):
-            prefetches = {key: tiling.pop(key) for key in ("prefetch_state",) if key in tiling}
+        def launch_variant(x, weight, *args, **tiling):
             if x.element_size() == 2:
                 tiling = linear.get(weight.shape[0], tiling)
-            return launch(x, weight, *args, prefetch=prefetch, **prefetches, **tiling)
+            return launch(x, weight, *args, **tiling)
 
         return launch_variant
 
-    def residual_variant(x, weight, residual_in, norm_weight, gated=None, arrivals=None, prefetch=None, **tiling):
+    def residual_variant(x, weight, residual_in, norm_weight, gated=None, arrivals=None, **tiling):
         if x.element_size() == 2 and (x.shape[1], gated is not None) in residual:
             tiling = dict(residual[x.shape[1], gated is not None])
             tiling["split_k"] = tiling["split_k"] if arrivals is not None else 1
-        return launch_residual(x, weight, residual_in, norm_weight, gated, arrivals, prefetch=prefetch, **tiling)
+        return launch_residual(x, weight, residual_in, norm_weight, gated, arrivals, **tiling)
 
     with (
         mock.patch.object(decode_linear, "launch_decode_linear", linear_variant(launch_linear)),
         mock.patch.object(decode_linear, "launch_decode_swiglu", linear_variant(launch_swiglu)),
         mock.patch.object(decode_linear, "launch_decode_residual", residual_variant),
         mock.patch.object(gla, "STEP_BLOCK_V", block_v),
-        mock.patch.object(decode_linear, "L2_PREFETCH", variant.get("prefetch", decode_linear.L2_PREFETCH)),
-        mock.patch.object(decode_linear, "PREFETCH_STATE", variant.get("prefetch_state", decode_linear.PREFETCH_STATE)),
     ):
         yield
 

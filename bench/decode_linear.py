@@ -127,17 +127,6 @@ def check_kernels(device: str) -> list[str]:
                                        num_stages=1),  # fmt: skip
                 decode_linear_residual_torch(hidden, w2, residual, norm.weight, gated),
             ),
-            # L2 prefetch of another matrix (on Hopper; elsewhere the kernels ignore it): no value changes.
-            "segments + L2 prefetch of two regions": (
-                launch_decode_linear(x, weight, bounds, prefetch=w2, prefetch_state=gated[0]),
-                decode_linear_torch(x, weight, widths),
-            ),
-            "split-K residual + next norm + L2 prefetch of 96 bytes": (
-                launch_decode_residual(hidden, w2, residual, norm.weight, arrivals=arrivals, prefetch=bias, split_k=2),
-                decode_linear_residual_torch(hidden, w2, residual, norm.weight),
-            ),
-            "SwiGLU + L2 prefetch": ((launch_decode_swiglu(scaled, weight[:200], stream.sumsq, stream.eps, prefetch=w2),),
-                                     (decode_swiglu_torch(scaled, weight[:200], rstd),)),  # fmt: skip
         }
         if arrivals.any():
             failures.append(f"split-K {dtype} M={M}: arrival counters not left at zero")

@@ -202,40 +202,6 @@ def test_fused_projections_keep_weights_and_logits():
     torch.testing.assert_close(gla.input_group.weight[-gla.key_dim :], gla.gk_up.weight @ gla.gk_down.weight)
 
 
-def test_each_fused_decode_gemm_prefetches_the_weight_of_the_one_that_runs_next(monkeypatch):
-    """fuse_projections chains the decode GEMMs in the order decode_step runs them (GLA's, attention's
-    and the SwiGLUs'; the delta-rule mixer keeps its own GEMMs): each is handed the next one's weight
-    to ask L2 for, the last nothing."""
-    from titan_hybrid.models.hybrid import fused
-
-    model = _model(pattern="gAdg")
-    model.fuse_projections()
-    calls = []
-    states = []
-    for name, prefetch_at in (("decode_linear", 8), ("decode_linear_residual", 8), ("decode_swiglu", 4)):
-        op = getattr(fused, name)
-
-        def recorder(*args, _op=op, _p=prefetch_at, _name=name):
-            calls.append((args[1], args[_p]))
-            if _name == "decode_linear":
-                states.append(args[9])
-            return _op(*args)
-
-        monkeypatch.setattr(fused, name, recorder)
-    tokens = torch.randint(0, BASE.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
-    _, state = model.prefill(tokens, torch.tensor([5, 3]), capacity=8)
-    calls.clear(), states.clear()
-    model.decode_step(tokens[:, -1], state)
-    gemms = [g.weight for i in "0123" for g in model.layers[i].decode_groups()]
-    assert len(model.layers["2"].decode_groups()) == 2 and len(gemms) == 14
-    assert [w.data_ptr() for w, _ in calls] == [w.data_ptr() for w in gemms]
-    assert [p.data_ptr() if p is not None else None for _, p in calls] == [w.data_ptr() for w in gemms[1:]] + [None]
-    # GLA's in-projection also asks for the layer's recurrent state, which fla's step reads next
-    # (decode_linear's calls: GLA's in-projection, attention's q/k/v, the delta block's two MLP GEMMs, GLA's).
-    ssm = [state.layers[i].ssm.data_ptr() for i in (0, 3)]
-    assert [s.data_ptr() if s is not None else None for s in states] == [ssm[0], None, None, None, ssm[1]]
-
-
 def test_fla_gla_step_launches_fla_kernel_on_narrow_state_tiles_in_place(monkeypatch):
     """On CUDA the GLA decode step is fla's ``fused_recurrent_fwd_kernel`` on state tiles of
     ``STEP_BLOCK_V`` columns (twice fla's programs for head size 64), the new state written over the

@@ -99,10 +99,6 @@ def test_decode_ops_pass_opcheck():
     gated = (torch.randn(3, 8), torch.rand(4) + 0.5, 1e-5, torch.zeros(1, dtype=torch.int32))
     torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16), torch.rand(16), *gated))
     torch.library.opcheck(decode_swiglu, (x, weight, sumsq, 1e-5))
-    prefetch = torch.randn(7)  # the next GEMM's weight: read by no path on the CPU
-    torch.library.opcheck(decode_linear, (x, weight, bounds, widths, None, 0.0, None, 1.0, prefetch))
-    torch.library.opcheck(decode_linear_residual, (x, weight, torch.randn(3, 16), None, None, None, 0.0, None, prefetch))
-    torch.library.opcheck(decode_swiglu, (x, weight, sumsq, 1e-5, prefetch))
 
 
 def test_linear_group_decode_rows_match_the_unfused_linears():
@@ -128,9 +124,7 @@ def test_bench_tiling_variants_override_only_the_named_shapes_and_restore(monkey
 
     launched = []
     for name in ("launch_decode_linear", "launch_decode_swiglu", "launch_decode_residual"):
-        monkeypatch.setattr(
-            ops, name, lambda x, weight, *args, _name=name, prefetch=None, **tiling: launched.append((_name, tiling))
-        )
+        monkeypatch.setattr(ops, name, lambda x, weight, *args, _name=name, **tiling: launched.append((_name, tiling)))
     recorders = ops.launch_decode_linear, ops.launch_decode_swiglu, ops.launch_decode_residual
     whole_k = {"block_n": 16, "block_k": 1024, "num_warps": 4, "num_stages": 1}
     split = {"block_k": 512, "num_warps": 4, "num_stages": 1, "split_k": 4}

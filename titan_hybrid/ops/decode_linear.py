@@ -18,9 +18,7 @@ take over the block's elementwise work where it costs the weight stream nothing:
 The residual GEMMs (1024 output columns: 64 column blocks for 132 SMs) split K over several CTAs
 and add the partials deterministically (``decode_residual_kernel``). On Hopper every decode GEMM
 is launched programmatically dependent: its CTAs start, and load their first weight tile, while
-the kernel before it drains. There they also ask L2 for the weights of the GEMM that runs next
-(``prefetch``): a kernel of a few microseconds reads its weights at a fraction of HBM bandwidth,
-so the idle bandwidth brings the next matrix close before that kernel starts.
+the kernel before it drains.
 
 ``decode_linear``'s output can be *segmented*: a fused projection's column blocks (GLA's q, k, v,
 gates) are written one after the other, each a contiguous ``[M, width]`` matrix, so the recurrent
@@ -44,10 +42,6 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 
 MAX_ROWS = 16  # tl.dot's smallest tile; a decode step has one row per sequence
 SUMSQ_BLOCK = 16  # columns per partial sum of squares (the residual kernel's column block)
-L2_PREFETCH = True  # the decode GEMMs' L2 prefetch (bench.decode's variants switch it off) ...
-PREFETCH_STATE = True  # ... or only its recurrent-state part (``decode_linear``'s ``prefetch_state``)
-PREFETCH_PIECE = 128  # bytes: the least one thread asks L2 for (a cache line)
-PREFETCH_MAX_BYTES = 32 << 20  # at most this much of a target: the rest would evict what it brought
 
 
 @dataclass
@@ -201,19 +195,6 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _prefetch_l2(pf_ptr, pf_piece, pf_total, THREADS: tl.constexpr):
-        """Ask L2 for this CTA's share of ``pf_total`` bytes at ``pf_ptr``: one bulk prefetch of
-        ``pf_piece`` bytes per thread (Hopper's ``cp.async.bulk.prefetch.L2``; fire and forget, so
-        it costs the CTA one instruction a thread)."""
-        cta = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-        first = (cta * THREADS + tl.arange(0, THREADS)).to(tl.int64) * pf_piece
-        size = tl.minimum(tl.maximum(pf_total - first, 0), pf_piece).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [pf_ptr.to(tl.pointer_type(tl.uint8)) + first, size], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-
-    @triton.jit
     def _input_tile(x_ptr, stride_xm, offs_m, M, k0, gate_ptr, head_w, head_eps, K: tl.constexpr,
                     BLOCK_K: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
         """``x[offs_m, k0:k0 + BLOCK_K]``; ``HEAD > 0``: ``x`` is ``GatedHeads.o`` (``gate_ptr``: the
@@ -264,27 +245,21 @@ if triton is not None:
 
     @triton.jit
     def decode_linear_kernel(
-        x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, pf_ptr, pf2_ptr, M, N, P, stride_xm, eps,
-        decay_from, decay_scale, pf_piece, pf_total, pf2_piece, pf2_total, K: tl.constexpr, N_SEGMENTS: tl.constexpr,
-        NORM: tl.constexpr, DECAY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr, PREFETCH2: tl.constexpr, THREADS: tl.constexpr,
+        x_ptr, w_ptr, y_ptr, bounds_ptr, sumsq_ptr, decay_ptr, bias_ptr, M, N, P, stride_xm, eps, decay_from,
+        decay_scale, K: tl.constexpr, N_SEGMENTS: tl.constexpr, NORM: tl.constexpr, DECAY: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One CTA per ``BLOCK_N`` output columns, all M rows. Column ``n`` of segment ``[lo, hi)``
         lands at ``M * lo + m * (hi - lo) + (n - lo)`` of the flat output; the columns from
         ``decay_from`` on (none without ``DECAY``: ``decay_from = N``) go to ``decay_ptr`` (fp32,
-        activated) instead. ``PREFETCH2``: a second region to ask L2 for (what the kernel between this
-        one and the next GEMM reads)."""
+        activated) instead."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = offs_m < M
         col_ok = offs_n < N
         decayed = offs_n >= decay_from
         w_first = _weight_tile(w_ptr, offs_n, col_ok, 0, K, BLOCK_K)
-        if PREFETCH2:
-            _prefetch_l2(pf2_ptr, pf2_piece, pf2_total, THREADS)
-        if PREFETCH:
-            _prefetch_l2(pf_ptr, pf_piece, pf_total, THREADS)
         _await_inputs(PDL)
         if NORM:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
@@ -325,10 +300,9 @@ if triton is not None:
     @triton.jit
     def decode_residual_kernel(
         x_ptr, gate_ptr, head_w_ptr, w_ptr, res_ptr, y_ptr, scaled_ptr, sumsq_ptr, g_ptr, partial_ptr, arrivals_ptr,
-        pf_ptr, M, N, stride_xm, head_eps, pf_piece, pf_total, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-        SPLIT_K: tl.constexpr, HEAD: tl.constexpr, NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr, THREADS: tl.constexpr,
+        M, N, stride_xm, head_eps, K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+        HEAD: tl.constexpr, NEXT_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``y = residual + x @ w^T`` for ``BLOCK_N`` columns (``_residual_epilogue``). Split-K: CTA
         ``(n, s)`` writes its product over K columns ``[s, s + 1) * K_PER_SPLIT`` to ``partial [S, M,
@@ -341,8 +315,6 @@ if triton is not None:
         at = offs_m[:, None] * N + offs_n[None, :]
         k_lo = tl.program_id(1) * K_PER_SPLIT
         w_first = _weight_tile(w_ptr, offs_n, col_ok, k_lo, K, BLOCK_K)
-        if PREFETCH:
-            _prefetch_l2(pf_ptr, pf_piece, pf_total, THREADS)
         _await_inputs(PDL)
         residual = tl.load(res_ptr + at, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)  # a placeholder without NEXT_NORM
@@ -362,10 +334,9 @@ if triton is not None:
 
     @triton.jit
     def decode_swiglu_kernel(
-        x_ptr, w_ptr, y_ptr, sumsq_ptr, pf_ptr, M, H, P, stride_xm, eps, pf_piece, pf_total, K: tl.constexpr,
-        NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-        THREADS: tl.constexpr,
+        x_ptr, w_ptr, y_ptr, sumsq_ptr, M, H, P, stride_xm, eps, K: tl.constexpr, NORM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``silu(a) * b`` for ``BLOCK_N // 2`` hidden columns ``n``: one product tile over W1's rows
         ``n`` and W3's rows ``H + n`` (so a CTA streams ``BLOCK_N`` weight rows, as the plain kernel)."""
@@ -375,8 +346,6 @@ if triton is not None:
         hidden = tl.program_id(0) * HALF + offs_c % HALF
         rows = hidden + (offs_c >= HALF).to(tl.int32) * H
         w_first = _weight_tile(w_ptr, rows, hidden < H, 0, K, BLOCK_K)
-        if PREFETCH:
-            _prefetch_l2(pf_ptr, pf_piece, pf_total, THREADS)
         _await_inputs(PDL)
         if NORM:
             partials = _load_partials(sumsq_ptr, offs_m, M, P, BLOCK_P)
@@ -408,18 +377,6 @@ def _pdl(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def _prefetch_args(target: Tensor | None, x: Tensor, ctas: int, num_warps: int) -> tuple[Tensor, int, int, bool]:
-    """The kernels' ``pf_ptr, pf_piece, pf_total, PREFETCH`` for an L2 prefetch of ``target`` (its
-    first ``PREFETCH_MAX_BYTES``) shared out over every thread of ``ctas`` CTAs, in pieces of whole
-    ``PREFETCH_PIECE`` bytes. Off without a target, without Hopper's bulk prefetch or for a target
-    not 16-byte aligned (what the instruction asks)."""
-    if target is None or not L2_PREFETCH or not _pdl(x) or target.data_ptr() % 16:
-        return x, 0, 0, False
-    total = min(target.numel() * target.element_size(), PREFETCH_MAX_BYTES) // 16 * 16
-    piece = triton.cdiv(triton.cdiv(total, ctas * num_warps * 32), PREFETCH_PIECE) * PREFETCH_PIECE
-    return target, piece, total, True
-
-
 def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -437,12 +394,11 @@ def _norm_args(sumsq: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
 
 def launch_decode_linear(
     x: Tensor, weight: Tensor, bounds: Tensor, sumsq: Tensor | None = None, eps: float = 0.0,
-    decay: tuple[Tensor, float] | None = None, prefetch: Tensor | None = None, prefetch_state: Tensor | None = None,
-    block_n: int = 16, block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
+    decay: tuple[Tensor, float] | None = None, block_n: int = 16, block_k: int = 256, num_warps: int = 2,
+    num_stages: int = 5,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``decode_linear_kernel`` on ``x [M, K]`` (M <= 16, unit stride in K), a contiguous
-    ``weight [N, K]``, ``bounds`` (int32: 0, then each segment's first column); ``prefetch``: the
-    weight of the GEMM that runs next; ``prefetch_state``: what the kernel before that reads."""
+    ``weight [N, K]``, ``bounds`` (int32: 0, then each segment's first column)."""
     M, K = x.shape
     N = weight.shape[0]
     if decay is None:
@@ -453,15 +409,12 @@ def launch_decode_linear(
         decay_out = x.new_empty(M, N - decay_from, dtype=torch.float32)
     y = x.new_empty(M * decay_from)
     sumsq, P, block_p = _norm_args(sumsq, x)
-    pdl, ctas = _pdl(x), triton.cdiv(N, block_n)
-    pf, pf_piece, pf_total, pf_on = _prefetch_args(prefetch, x, ctas, num_warps)
-    pf2, pf2_piece, pf2_total, pf2_on = _prefetch_args(prefetch_state if PREFETCH_STATE else None, x, ctas, num_warps)
-    decode_linear_kernel[(ctas,)](
-        x, weight, y, bounds, sumsq, decay_out, bias, pf, pf2, M, N, P, x.stride(0), eps, decay_from, scale, pf_piece,
-        pf_total, pf2_piece, pf2_total, K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0,
-        DECAY=decay is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p,
-        PRECISION=_precision(x), PDL=pdl, PREFETCH=pf_on, PREFETCH2=pf2_on, THREADS=num_warps * 32,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    pdl = _pdl(x)
+    decode_linear_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, y, bounds, sumsq, decay_out, bias, M, N, P, x.stride(0), eps, decay_from, scale,
+        K=K, N_SEGMENTS=bounds.numel() - (decay is not None), NORM=P > 0, DECAY=decay is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x),
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y, decay_out
 
@@ -469,29 +422,22 @@ def launch_decode_linear(
 @torch.library.custom_op("titan_hybrid::decode_linear", mutates_args=())
 def decode_linear(
     x: Tensor, weight: Tensor, bounds: Tensor, widths: list[int], sumsq: Tensor | None = None, eps: float = 0.0,
-    decay_bias: Tensor | None = None, decay_scale: float = 1.0, prefetch: Tensor | None = None,
-    prefetch_state: Tensor | None = None,
+    decay_bias: Tensor | None = None, decay_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``x [M, K] @ weight^T`` as the flat concatenation of its contiguous ``[M, width]`` column
     blocks (``split_segments`` views them). ``sumsq``: ``x`` is a ``PreNormed.scaled`` and the
     product is multiplied by its rows' ``rstd``. ``decay_bias``: the last block comes back
-    separately as GLA's log-decay ``logsigmoid(y + bias) * decay_scale`` (fp32; empty without).
-    ``prefetch``: the next GEMM's weight, asked of L2 on the way (a hint: no value depends on it);
-    ``prefetch_state``: the same for what the kernel between the two reads (a recurrent state)."""
+    separately as GLA's log-decay ``logsigmoid(y + bias) * decay_scale`` (fp32; empty without)."""
     decay = None if decay_bias is None else (decay_bias, decay_scale)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            tiling = decode_tiling(weight.shape[0])
-            return launch_decode_linear(
-                x, weight, bounds, sumsq, eps, decay, prefetch=prefetch, prefetch_state=prefetch_state, **tiling
-            )
+            return launch_decode_linear(x, weight, bounds, sumsq, eps, decay, **decode_tiling(weight.shape[0]))
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_linear_torch(x, weight, widths, rstd, decay)
 
 
 @decode_linear.register_fake
-def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_scale=1.0, prefetch=None,
-      prefetch_state=None):  # fmt: skip
+def _(x, weight, bounds, widths, sumsq=None, eps=0.0, decay_bias=None, decay_scale=1.0):
     M, N = x.shape[0], weight.shape[0]
     if decay_bias is None:
         return x.new_empty(M * N), x.new_empty(0, dtype=torch.float32)
@@ -512,12 +458,12 @@ def residual_tiling(k: int, gated: bool) -> dict:
 
 def launch_decode_residual(
     x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None,
-    gated: tuple[Tensor, Tensor, float] | None = None, arrivals: Tensor | None = None,
-    prefetch: Tensor | None = None, split_k: int = 1, block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
+    gated: tuple[Tensor, Tensor, float] | None = None, arrivals: Tensor | None = None, split_k: int = 1,
+    block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``decode_residual_kernel`` on ``SUMSQ_BLOCK``-column blocks.
     ``gated = (gate, head_weight, eps)``; ``split_k > 1`` needs ``arrivals`` (int32 zeros, one per
-    column block; left zero); ``prefetch`` as in ``launch_decode_linear``."""
+    column block; left zero)."""
     M, K = x.shape
     N = weight.shape[0]
     blocks = triton.cdiv(N, SUMSQ_BLOCK)
@@ -535,33 +481,29 @@ def launch_decode_residual(
         raise ValueError(f"gated heads of {head} columns need K tiles of whole heads and the gate laid out as x")
     partial = x.new_empty((split_k, M, N) if split_k > 1 else (0,), dtype=torch.float32)
     splits, pdl = triton.cdiv(K, k_per_split), _pdl(x)
-    pf, pf_piece, pf_total, pf_on = _prefetch_args(prefetch, x, blocks * splits, num_warps)
     decode_residual_kernel[(blocks, splits)](
         x, gate, head_weight, weight, residual, y, scaled, sumsq, g, partial, arrivals if arrivals is not None else y,
-        pf, M, N, x.stride(0), head_eps, pf_piece, pf_total, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=splits, HEAD=head,
+        M, N, x.stride(0), head_eps, K=K, K_PER_SPLIT=k_per_split, SPLIT_K=splits, HEAD=head,
         NEXT_NORM=norm_weight is not None, BLOCK_M=MAX_ROWS, BLOCK_N=SUMSQ_BLOCK, BLOCK_K=block_k,
-        PRECISION=_precision(x), PDL=pdl, PREFETCH=pf_on, THREADS=num_warps * 32, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=pdl,
+        PRECISION=_precision(x), PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y, scaled, sumsq
 
 
 def launch_decode_swiglu(
-    x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float, prefetch: Tensor | None = None, block_n: int = 16,
-    block_k: int = 256, num_warps: int = 2, num_stages: int = 5,
+    x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float, block_n: int = 16, block_k: int = 256,
+    num_warps: int = 2, num_stages: int = 5,
 ) -> Tensor:  # fmt: skip
-    """``decode_swiglu_kernel``: ``block_n`` weight rows a CTA, half of them W1's, half W3's;
-    ``prefetch`` as in ``launch_decode_linear``."""
+    """``decode_swiglu_kernel``: ``block_n`` weight rows a CTA, half of them W1's, half W3's."""
     M, K = x.shape
     H = weight.shape[0] // 2
     y = x.new_empty(M, H)
     sumsq, P, block_p = _norm_args(sumsq, x)
-    pdl, ctas = _pdl(x), triton.cdiv(H, block_n // 2)
-    pf, pf_piece, pf_total, pf_on = _prefetch_args(prefetch, x, ctas, num_warps)
-    decode_swiglu_kernel[(ctas,)](
-        x, weight, y, sumsq, pf, M, H, P, x.stride(0), eps, pf_piece, pf_total, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x), PDL=pdl, PREFETCH=pf_on,
-        THREADS=num_warps * 32, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    pdl = _pdl(x)
+    decode_swiglu_kernel[(triton.cdiv(H, block_n // 2),)](
+        x, weight, y, sumsq, M, H, P, x.stride(0), eps, K=K, NORM=P > 0, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_P=block_p, PRECISION=_precision(x), PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return y
 
@@ -570,27 +512,24 @@ def launch_decode_swiglu(
 def decode_linear_residual(
     x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor | None = None, gate: Tensor | None = None,
     head_weight: Tensor | None = None, head_eps: float = 0.0, arrivals: Tensor | None = None,
-    prefetch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``residual [M, N] + x [M, K] @ weight^T``, and with ``norm_weight`` (the next pre-norm's) the
     ``PreNormed`` parts of the result: ``y * norm_weight`` and ``sumsq [cdiv(N, SUMSQ_BLOCK), M]``
     (both empty without). ``gate``: ``x`` is ``GatedHeads.o`` (``head_weight``, ``head_eps``: the
     head norm's). ``arrivals``: the split-K kernel's counters (``LinearGroup`` keeps them; they are
-    zero again after each call); without them K is not split. ``prefetch`` as in ``decode_linear``."""
+    zero again after each call); without them K is not split."""
     gated = None if gate is None else (gate, head_weight, head_eps)
     if _on_kernel(x):
         with torch.cuda.device(x.device):
             tiling = residual_tiling(x.shape[1], gated is not None)
             if arrivals is None:
                 tiling["split_k"] = 1
-            return launch_decode_residual(
-                x, weight, residual, norm_weight, gated, arrivals, prefetch=prefetch, **tiling
-            )
+            return launch_decode_residual(x, weight, residual, norm_weight, gated, arrivals, **tiling)
     return decode_linear_residual_torch(x, weight, residual, norm_weight, gated)
 
 
 @decode_linear_residual.register_fake
-def _(x, weight, residual, norm_weight=None, gate=None, head_weight=None, head_eps=0.0, arrivals=None, prefetch=None):
+def _(x, weight, residual, norm_weight=None, gate=None, head_weight=None, head_eps=0.0, arrivals=None):
     if norm_weight is None:
         return torch.empty_like(residual), residual.new_empty(0), residual.new_empty(0, dtype=torch.float32)
     P = -(-weight.shape[0] // SUMSQ_BLOCK)
@@ -598,18 +537,16 @@ def _(x, weight, residual, norm_weight=None, gate=None, head_weight=None, head_e
 
 
 @torch.library.custom_op("titan_hybrid::decode_swiglu", mutates_args=())
-def decode_swiglu(
-    x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: float = 0.0, prefetch: Tensor | None = None
-) -> Tensor:
+def decode_swiglu(x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """SwiGLU's hidden ``silu(x @ W1^T) * (x @ W3^T)`` from ``weight = [W1; W3]``, one kernel for
-    both products and the gate; ``sumsq`` and ``prefetch`` as in ``decode_linear``."""
+    both products and the gate; ``sumsq`` as in ``decode_linear``."""
     if _on_kernel(x):
         with torch.cuda.device(x.device):
-            return launch_decode_swiglu(x, weight, sumsq, eps, prefetch=prefetch, **decode_tiling(weight.shape[0]))
+            return launch_decode_swiglu(x, weight, sumsq, eps, **decode_tiling(weight.shape[0]))
     rstd = None if sumsq is None else rstd_of(sumsq, x.shape[-1], eps)
     return decode_swiglu_torch(x, weight, rstd)
 
 
 @decode_swiglu.register_fake
-def _(x, weight, sumsq=None, eps=0.0, prefetch=None):
+def _(x, weight, sumsq=None, eps=0.0):
     return x.new_empty(x.shape[0], weight.shape[0] // 2)

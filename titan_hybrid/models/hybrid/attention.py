@@ -191,10 +191,6 @@ class Attention(nn.Module):
         self.qkv_group = LinearGroup([self.wq, self.wk, self.wv])
         self.output_group = LinearGroup([self.wo])
 
-    def decode_groups(self) -> list[LinearGroup]:
-        """The fused GEMMs in the order a decode step runs them (``fused.chain_prefetches``)."""
-        return [self.qkv_group, self.output_group]
-
     def _qkv(self, x: torch.Tensor | PreNormed, rope: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotated queries ``[B, H, T, D]``, rotated keys and values ``[B, KV, T, D]``."""
         B, T, _ = x.shape

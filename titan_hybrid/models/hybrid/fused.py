@@ -34,8 +34,7 @@ class LinearGroup:
     pair multiplied out); its output comes last. Derived rows do not follow a later
     ``load_state_dict``: fuse after loading. One linear makes a group too: its decode GEMM.
     ``decay = (bias, scale)``: the last output is GLA's log-decay ``logsigmoid(y + bias) * scale``
-    (fp32), computed in the decode GEMM's epilogue. ``prefetch``: the weight of the decode GEMM
-    that runs after this one (``chain_prefetches``), which this one asks L2 for."""
+    (fp32), computed in the decode GEMM's epilogue."""
 
     def __init__(self, linears: list[nn.Linear], extra: torch.Tensor | None = None,
                  decay: tuple[torch.Tensor, float] | None = None):  # fmt: skip
@@ -49,14 +48,12 @@ class LinearGroup:
         # The split-K residual GEMM's arrival counters (zero between calls), one per column block.
         blocks = -(-self.weight.shape[0] // SUMSQ_BLOCK)
         self.arrivals = torch.zeros(blocks, dtype=torch.int32, device=self.weight.device)
-        self.prefetch: torch.Tensor | None = None
         for lin, rows in zip(linears, self.weight.split(self.sizes)):
             lin.weight = nn.Parameter(rows, requires_grad=lin.weight.requires_grad)
 
-    def __call__(self, x: torch.Tensor | PreNormed, prefetch_state: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor | PreNormed) -> tuple[torch.Tensor, ...]:
         """Each linear's output of ``x``, or of ``RMSNorm(x)`` for a ``PreNormed`` stream; a decode
-        step's (at most ``MAX_ROWS`` rows) each contiguous. ``prefetch_state``: the recurrent state
-        that the kernel after this GEMM reads, asked of L2 with the next GEMM's weight."""
+        step's (at most ``MAX_ROWS`` rows) each contiguous."""
         inputs = x.scaled if isinstance(x, PreNormed) else x
         lead, width = inputs.shape[:-1], inputs.shape[-1]
         rows = inputs.numel() // width
@@ -68,9 +65,8 @@ class LinearGroup:
             return tuple(parts)
         sumsq, eps = (x.sumsq, x.eps) if isinstance(x, PreNormed) else (None, 0.0)
         flat, decayed = decode_linear(
-            inputs.reshape(rows, width), self.weight, self.bounds, self.sizes, sumsq, eps, bias, scale, self.prefetch,
-            prefetch_state,
-        )  # fmt: skip
+            inputs.reshape(rows, width), self.weight, self.bounds, self.sizes, sumsq, eps, bias, scale
+        )
         blocks = split_segments(flat, rows, self.sizes[:-1] if bias is not None else self.sizes)
         blocks += [decayed] if bias is not None else []
         return tuple(block.view(*lead, -1) for block in blocks)
@@ -88,24 +84,16 @@ class LinearGroup:
         else:
             inputs, gated = x, (None, None, 0.0)
         y, scaled, sumsq = decode_linear_residual(
-            inputs.reshape(rows, -1), self.weight, residual.reshape(rows, -1), next_weight, *gated, self.arrivals,
-            self.prefetch,
-        )  # fmt: skip
+            inputs.reshape(rows, -1), self.weight, residual.reshape(rows, -1), next_weight, *gated, self.arrivals
+        )
         y = y.view(residual.shape)
         return y if next_norm is None else PreNormed(y, scaled.view(residual.shape), sumsq, norm_eps(next_norm))
 
     def swiglu(self, x: PreNormed) -> torch.Tensor:
         """``silu(W1 RMSNorm(x)) * W3 RMSNorm(x)`` (the group of W1 and W3) in one decode GEMM."""
         rows = x.x.numel() // x.x.shape[-1]
-        hidden = decode_swiglu(x.scaled.reshape(rows, -1), self.weight, x.sumsq, x.eps, self.prefetch)
+        hidden = decode_swiglu(x.scaled.reshape(rows, -1), self.weight, x.sumsq, x.eps)
         return hidden.view(*x.x.shape[:-1], -1)
-
-
-def chain_prefetches(groups: list[LinearGroup]) -> None:
-    """``groups`` in the order a decode step runs them: each asks L2 for the next one's weight while
-    it runs (the last for nothing)."""
-    for group, following in zip(groups, groups[1:] + [None]):
-        group.prefetch = None if following is None else following.weight
 
 
 def project(x: torch.Tensor | PreNormed, linears: list[nn.Linear], group: LinearGroup | None) -> tuple[torch.Tensor, ...]:

@@ -56,21 +56,16 @@ class GatedLinearAttention(nn.Module):
         )  # fmt: skip
         self.output_group = LinearGroup([self.o_proj])
 
-    def decode_groups(self) -> list[LinearGroup]:
-        """The fused GEMMs in the order a decode step runs them (``fused.chain_prefetches``)."""
-        return [self.input_group, self.output_group]
-
-    def _inputs(self, x: torch.Tensor | PreNormed, ssm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def _inputs(self, x: torch.Tensor | PreNormed) -> tuple[torch.Tensor, ...]:
         """q, k, v, the log-decay ``gk`` (fp32) and the output gate as ``[B, T, H, K|V]`` heads
-        (of ``RMSNorm(x)`` for a ``PreNormed`` decode stream, which takes the fused GEMM; ``ssm``:
-        the decode state that the step after it reads, which the fused GEMM asks L2 for)."""
+        (of ``RMSNorm(x)`` for a ``PreNormed`` decode stream, which takes the fused GEMM)."""
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, -1)  # noqa: E731
         if self.input_group is None:
             q, k, v, gate, down = (lin(x) for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down))
             gk = F.logsigmoid(self.gk_up(down).float()) / self.gate_logit_normalizer
         else:
-            q, k, v, gate, gk = self.input_group(x, ssm)
+            q, k, v, gate, gk = self.input_group(x)
         return heads(q), heads(k), heads(v), heads(gk), heads(gate)
 
     def _heads(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -103,7 +98,7 @@ class GatedLinearAttention(nn.Module):
     def step_heads(self, x: torch.Tensor | PreNormed, state: RecurrentState) -> GatedHeads:
         """``step`` up to the output projection: the recurrent output before its norm and gate,
         which a fused block's output projection applies as it loads them."""
-        q, k, v, gk, gate = self._inputs(x, state.ssm)
+        q, k, v, gk, gate = self._inputs(x)
         # fla's kernel wants contiguous heads: the fused decode GEMM writes them so (no copy); unfused,
         # the copies happen here, where a compiled step folds them into Inductor's kernels.
         o = fused_recurrent_gla(q.contiguous(), k.contiguous(), v.contiguous(), gk, state.ssm)

@@ -16,7 +16,7 @@ from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 from .args import MIXERS, MLPS, HybridModelArgs
 from .attention import Attention, flex_block_mask, rope_cache
 from .decode_state import DecodeState, KVCache, Prompt, RecurrentState
-from .fused import LinearGroup, apply, chain_prefetches, project
+from .fused import LinearGroup, apply, project
 from .delta import GatedDeltaNet, GatedDeltaNet2, KaczmarzGDN2
 from .gla import GatedLinearAttention
 
@@ -165,13 +165,6 @@ class HybridBlock(nn.Module):
         x = self.mixer.output_group.residual(heads, x.x, self.mlp_norm)
         return self.mlp.w2_group.residual(self.mlp.w13_group.swiglu(x), x.x, next_norm)
 
-    def decode_groups(self) -> list[LinearGroup]:
-        """The fused GEMMs a decode step of this block runs, in order (``fuse_projections``): the
-        mixer's (GLA, attention) and the SwiGLU's."""
-        mixer = self.mixer.decode_groups() if hasattr(self.mixer, "decode_groups") else []
-        mlp = [getattr(self.mlp, "w13_group", None), getattr(self.mlp, "w2_group", None)]
-        return [group for group in mixer + mlp if group is not None]
-
 
 class HybridLM(ModelProtocol):
     """Decoder-only LM with tied input/output embeddings.
@@ -302,12 +295,11 @@ class HybridLM(ModelProtocol):
         SwiGLU's W1/W3) as one GEMM each, weights as views (``fused.LinearGroup``). Call after
         moving the model to its device and dtype; the delta-rule mixers keep separate GEMMs.
         ``decode_step`` then runs the fused blocks' norms and residual adds in those GEMMs too
-        (``HybridBlock.fused_step``), each GEMM asking L2 for the next one's weights."""
+        (``HybridBlock.fused_step``)."""
         for block in self.layers.values():
             for part in (block.mixer, block.mlp):
                 if hasattr(part, "fuse_projections"):
                     part.fuse_projections()
-        chain_prefetches([group for block, _ in self.unrolled() for group in block.decode_groups()])
 
     def empty_decode_state(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> DecodeState:
         """Zero states for ``batch`` rows at position 0 (``bench.decode`` fills them to a length)."""

@@ -25,6 +25,11 @@ Doc = dict[str, str]
 
 THINK, END_THINK = "<think>", "</think>"
 _ARROW_BATCH = 1024
+# A shard that fits in one Arrow batch of at most this many bytes is read once and kept: a small
+# corpus cycles epoch after epoch (with more ranks than shards, a pass yields a few documents), and
+# each pass through ``datasets`` costs ~1-2 ms of opening and schema work before its first row.
+_SMALL_SHARD_BYTES = 4 << 20
+_SMALL_SHARDS_BYTES = 64 << 20  # per source
 
 
 class DataSourceError(RuntimeError):
@@ -131,6 +136,7 @@ class ShardSource(BaseNode[Doc]):
         self.bad_shards = 0
         self.empty_rows = 0
         self._datasets: dict[str, Any] = {}
+        self._small_shards: dict[str, Any] = {}  # file -> its one Arrow table (``_tables``)
         self._started = False
 
     def reset(self, initial_state: dict[str, Any] | None = None):
@@ -179,7 +185,7 @@ class ShardSource(BaseNode[Doc]):
             self._row = self.rank if stride > 1 else 0
         try:
             start = 0
-            for table in self._open(file).iter(batch_size=_ARROW_BATCH):
+            for table in self._tables(file):
                 end = start + table.num_rows
                 if self._row < end:  # else resuming: skip the batch undecoded
                     missing = [c for c in self.columns if c not in table.column_names]
@@ -204,11 +210,26 @@ class ShardSource(BaseNode[Doc]):
                 file, DataSourceError(f"source '{self.name}': cannot read {file}: {type(e).__name__}: {e}")
             )
 
+    def _tables(self, file: str) -> Iterator[Any]:
+        """The shard's Arrow tables of ``_ARROW_BATCH`` rows (the last one shorter). A first table
+        shorter than that is the whole shard: a small one (``_SMALL_SHARD_BYTES``) is kept, up to
+        ``_SMALL_SHARDS_BYTES`` of them, and later passes read it from memory."""
+        if file in self._small_shards:
+            yield self._small_shards[file]
+            return
+        for index, table in enumerate(self._open(file).iter(batch_size=_ARROW_BATCH)):
+            if index == 0 and table.num_rows < _ARROW_BATCH and table.nbytes <= _SMALL_SHARD_BYTES:
+                kept = sum(t.nbytes for t in self._small_shards.values())
+                if kept + table.nbytes <= _SMALL_SHARDS_BYTES:
+                    self._small_shards[file] = table
+            yield table
+
     def _on_bad_shard(self, file: str, error: DataSourceError) -> None:
         if not self.skip_bad_shards:
             raise error
         self.bad_shards += 1
         self._datasets.pop(file, None)
+        self._small_shards.pop(file, None)
         logger.warning(f"{error}; skipped ({self.bad_shards} bad shard(s) in '{self.name}' so far)")
 
     def _open(self, file: str):

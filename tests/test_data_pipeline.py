@@ -362,6 +362,50 @@ def test_corrupt_shard_error_names_the_file_or_is_skipped(tmp_path):
     assert len(list(source)) == 50 and source.bad_shards == 1
 
 
+def test_a_small_shard_is_read_once_and_cycles_from_memory(monkeypatch, tmp_path):
+    """A shard that fits in one Arrow batch goes through ``datasets`` once; later epochs read it from
+    memory and give the documents (and resume states) that reading it again gives. A larger shard
+    is read each epoch."""
+    from data_pipelines import sources
+
+    write_parquet(tmp_path / "small.parquet", pa.table({"text": [f"small {i}" for i in range(10)]}))
+    large = [f"large {i}" for i in range(sources._ARROW_BATCH + 5)]
+    write_parquet(tmp_path / "large.parquet", pa.table({"text": large}))
+    data = local_web(tmp_path)
+
+    def epochs(source, n: int = 3) -> list[list[str]]:
+        out = []
+        for _ in range(n):
+            source.reset()
+            out.append([d["text"] for d in source])
+        return out
+
+    reads = Counter()
+    cached = build_source("web", data.web, data, 0, 1)
+    open_shard = cached._open
+
+    def counting_open(file):
+        reads[Path(file).name] += 1
+        return open_shard(file)
+
+    monkeypatch.setattr(cached, "_open", counting_open)
+    got = epochs(cached)
+    assert reads == {"small.parquet": 1, "large.parquet": 3}
+    monkeypatch.setattr(sources, "_SMALL_SHARD_BYTES", 0)  # keep nothing: every epoch reads both
+    uncached = build_source("web", data.web, data, 0, 1)
+    assert got == epochs(uncached) and len(got[0]) == sources._ARROW_BATCH + 15
+
+    # A state taken mid-way through a kept shard resumes (on a source reading from disk) where it was.
+    cached.reset()
+    while not next(cached)["text"].startswith("small"):
+        pass
+    state = cached.state_dict()
+    rest = [d["text"] for d in cached]
+    resumed = build_source("web", data.web, data, 0, 1)
+    resumed.reset(state)
+    assert [d["text"] for d in resumed] == rest and "small 1" in rest and "small 0" not in rest
+
+
 def test_missing_field_error_names_file_and_field(tmp_path):
     write_parquet(tmp_path / "shard.parquet", pa.table({"content": ["x = 1\n"] * 4}))
     with pytest.raises(DataSourceError, match=r"shard\.parquet.*missing field.*'text'"):

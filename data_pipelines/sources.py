@@ -29,7 +29,7 @@ _ARROW_BATCH = 1024
 # corpus cycles epoch after epoch (with more ranks than shards, a pass yields a few documents), and
 # each pass through ``datasets`` costs ~1-2 ms of opening and schema work before its first row.
 _SMALL_SHARD_BYTES = 4 << 20
-_SMALL_SHARDS_BYTES = 64 << 20  # per source
+_SMALL_SHARDS_BYTES = 16 << 20  # per source and stream (every stream keeps its own)
 
 
 class DataSourceError(RuntimeError):

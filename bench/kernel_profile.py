@@ -5,7 +5,9 @@
 Prints (1) how busy the GPU was between the step's first and last kernel, (2) the
 device time per kernel family and per kernel name, and (3) the longest idle gaps with the kernels around
 them: a GPU that waits on the host (launch overhead, the data loader, a sync) shows
-up as gaps, not as slow kernels; (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
+up as gaps, not as slow kernels; all gaps by length, and the short ones by the family of the
+kernel that ends them (many short gaps before one family: the host launches it slower than the GPU
+runs what came before); (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
 ``nonzero``, a copy to pageable host memory), how often each ran and how long the host waited in
 CUDA's synchronising calls. Each sync drains the GPU's queue, so what the host does next shows as
 idle GPU time. Run it on a step that is not the first profiled one.
@@ -70,14 +72,41 @@ def busy_time_us(kernels: list[Kernel]) -> float:
     return busy
 
 
-def gaps(kernels: list[Kernel], top: int) -> list[tuple[float, Kernel, Kernel]]:
+def gaps(kernels: list[Kernel]) -> list[tuple[float, Kernel, Kernel]]:
+    """Every idle interval (us) with the kernel before it and the one that ends it, longest first."""
     found, end, last = [], kernels[0].end_us, kernels[0]
     for k in kernels[1:]:
         if k.start_us > end:
             found.append((k.start_us - end, last, k))
         if k.end_us > end:
             end, last = k.end_us, k
-    return sorted(found, key=lambda g: -g[0])[:top]
+    return sorted(found, key=lambda g: -g[0])
+
+
+# Upper bounds (us) of the gap-length buckets: launch latency, host launch overhead, a sync's
+# drain and refill, longer host work.
+GAP_BUCKETS_US = (5.0, 20.0, 100.0, 1000.0, float("inf"))
+SHORT_GAP_US = 100.0
+
+
+def gap_histogram(found: list[tuple[float, Kernel, Kernel]]) -> list[tuple[float, int, float]]:
+    """``(upper bound us, gaps, idle us)`` per ``GAP_BUCKETS_US`` bucket."""
+    rows = [[bound, 0, 0.0] for bound in GAP_BUCKETS_US]
+    for gap, _, _ in found:
+        row = next(r for r in rows if gap <= r[0])
+        row[1] += 1
+        row[2] += gap
+    return [tuple(r) for r in rows]
+
+
+def short_gaps_by_family(found: list[tuple[float, Kernel, Kernel]]) -> dict[str, list[float]]:
+    """Gaps of at most ``SHORT_GAP_US``, ``[count, idle us]`` per family of the kernel ending them."""
+    by_family: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for gap, _, after in found:
+        if gap <= SHORT_GAP_US:
+            by_family[family(after.name)][0] += 1
+            by_family[family(after.name)][1] += gap
+    return dict(by_family)
 
 
 # CPU ops that read a GPU value on the host, and the CUDA runtime calls in which the host waits.
@@ -133,10 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us / 1e3:9.1f} {100 * us / kernel_total:5.1f}% {int(calls):6d}  {name[:110]}")
 
-    idle = span - busy
+    idle, found = span - busy, gaps(kernels)
     print(f"\nidle {idle / 1e3:,.1f} ms; longest gaps:")
-    for gap, before, after in gaps(kernels, args.top):
+    for gap, before, after in found[: args.top]:
         print(f"{gap / 1e3:9.2f} ms  after {before.name[:50]}  before {after.name[:50]}")
+    print(f"\n{'gaps':>9} {'idle ms':>8}  gap length")
+    lower = 0.0
+    for bound, count, us in gap_histogram(found):
+        print(f"{count:9,d} {us / 1e3:8.1f}  {lower:g}-{bound:g} us")
+        lower = bound
+    print(f"\n{'gaps':>9} {'idle ms':>8}  gaps <= {SHORT_GAP_US:g} us, by the family of the kernel after them")
+    for name, (count, us) in sorted(short_gaps_by_family(found).items(), key=lambda kv: -kv[1][1]):
+        print(f"{int(count):9,d} {us / 1e3:8.1f}  {name}")
 
     ops, waited = host_syncs(events)
     print("\nhost syncs (CPU ops that waited on the GPU, and the waiting runtime calls):")

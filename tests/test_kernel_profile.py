@@ -1,0 +1,46 @@
+"""bench.kernel_profile on a synthetic trace: busy time, gaps and their buckets."""
+
+import json
+
+from bench import kernel_profile
+from bench.kernel_profile import Kernel, busy_time_us, gap_histogram, gaps, short_gaps_by_family
+
+
+def kernels() -> list[Kernel]:
+    # A GEMM, 3 us idle, an fla kernel, 50 us idle, an Inductor kernel overlapping a second
+    # stream's kernel, 2,000 us idle, a GEMM.
+    return [
+        Kernel("nvjet_sm90_tst_256x128", 0.0, 10.0),
+        Kernel("chunk_gla_fwd_kernel_o", 13.0, 7.0),
+        Kernel("triton_poi_fused_add", 70.0, 20.0),
+        Kernel("triton_red_fused_sum", 80.0, 20.0),
+        Kernel("nvjet_sm90_tst_128x128", 2100.0, 10.0),
+    ]
+
+
+def test_gaps_are_the_idle_intervals_between_overlapping_streams():
+    found = gaps(kernels())
+    assert [(gap, after.name) for gap, _, after in found] == [
+        (2000.0, "nvjet_sm90_tst_128x128"),
+        (50.0, "triton_poi_fused_add"),
+        (3.0, "chunk_gla_fwd_kernel_o"),
+    ]
+    assert busy_time_us(kernels()) == 2110.0 - 2053.0
+
+
+def test_gap_histogram_and_short_gaps_by_family():
+    found = gaps(kernels())
+    assert gap_histogram(found) == [(5.0, 1, 3.0), (20.0, 0, 0.0), (100.0, 1, 50.0), (1000.0, 0, 0.0),
+                                    (float("inf"), 1, 2000.0)]  # fmt: skip
+    assert short_gaps_by_family(found) == {"fla linear attention": [1, 3.0], "Inductor fused kernels": [1, 50.0]}
+
+
+def test_main_prints_the_gap_buckets(tmp_path, capsys):
+    events = [{"cat": "kernel", "ph": "X", "name": k.name, "ts": k.start_us, "dur": k.dur_us} for k in kernels()]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    kernel_profile.main([str(trace)])
+    out = capsys.readouterr().out
+    assert "5 kernels; span 2.1 ms, GPU busy 0.1 ms (2.7%)" in out
+    assert "        1      2.0  1000-inf us" in out
+    assert "        1      0.1  Inductor fused kernels" in out

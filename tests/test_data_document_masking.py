@@ -63,3 +63,37 @@ def test_changing_one_document_leaves_the_others_unchanged(pattern):
         out_a, out_b = unmasked(tokens_a, positions), unmasked(tokens_b, positions)
         torch.testing.assert_close(out_a[:, : middle_span.start], out_b[:, : middle_span.start], rtol=0, atol=1e-5)
         assert (out_a[:, last_span] - out_b[:, last_span]).abs().max() > 1e-3
+
+
+def test_the_trainer_hands_the_model_the_documents_of_each_batch():
+    """On CUDA with document masking, each batch carries its documents found on the host
+    (``HostDocuments``, which TorchTitan passes to the forward untouched); the forward binds them and
+    gives the same output as finding them itself."""
+    import itertools
+    from types import SimpleNamespace
+
+    from titan_hybrid.ops.common import HostDocuments, resets_to_cu_seqlens
+    from titan_hybrid.trainer import HybridTrainer
+
+    g = torch.Generator().manual_seed(1)
+    tokens, positions = packed_row([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (12, 15, 30)])
+
+    def first_batch(device: str, document_masking: bool) -> dict:
+        trainer = HybridTrainer.__new__(HybridTrainer)  # only what batch_generator reads
+        trainer.device, trainer._step_batches, trainer.ntokens_seen = torch.device(device), [], 0
+        trainer.model_args = SimpleNamespace(document_masking=document_masking)
+        trainer.metrics_processor = SimpleNamespace(ntokens_since_last_log=0, data_loading_times=[])
+        batches = trainer.batch_generator([({"input": tokens, "positions": positions}, tokens)])
+        (input_dict, _), = itertools.islice(batches, 1)
+        return input_dict
+
+    input_dict = first_batch("cuda", document_masking=True)
+    documents = input_dict["documents"]
+    assert isinstance(documents, HostDocuments)
+    assert documents.cu_seqlens.tolist() == resets_to_cu_seqlens(positions == 0).tolist() == [0, 13, 29, 48]
+    assert "documents" not in first_batch("cpu", document_masking=True)
+    assert "documents" not in first_batch("cuda", document_masking=False)
+    with torch.no_grad():
+        masked = model("gA", document_masking=True)
+        torch.testing.assert_close(masked(tokens, positions, documents=documents), masked(tokens, positions),
+                                   rtol=0, atol=0)  # fmt: skip

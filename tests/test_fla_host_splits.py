@@ -9,7 +9,7 @@ copy instead of ``.item()``, and fla's dispatch must pick it only for ``cu_seqle
 import pytest
 import torch
 from fla.ops.common import chunk_h
-from fla.ops.utils import prepare_chunk_offsets
+from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
 from titan_hybrid.ops import fla_host_splits
 from titan_hybrid.ops.fla_host_splits import host_split_count, remember_host_copy
@@ -124,3 +124,23 @@ def test_cu_seqlens_of_a_micro_batch_carry_their_host_copy():
     assert cu_seqlens.tolist() == [0, 40, 41, 100, 190, 200] and cu_seqlens.dtype == torch.int32
     assert not resets[:, 0].any(), "the caller's resets are left as they were"
     assert host_split_count(cu_seqlens, 64) == 1 + 1 + 1 + 2 + 1
+
+
+def test_chunk_indices_come_from_the_host_copy(monkeypatch):
+    """fla's chunk indices of a ``cu_seqlens`` with a host copy are fla's function on that copy
+    (no ``repeat_interleave`` on the device), made once per chunk size; other ``cu_seqlens`` get
+    fla's function on themselves."""
+    calls = []
+
+    def recording(cu_seqlens, chunk_size):
+        calls.append(cu_seqlens)
+        return prepare_chunk_indices(cu_seqlens, chunk_size)
+
+    monkeypatch.setattr(fla_host_splits, "prepare_chunk_indices", recording)
+    known, unknown, host = _documents([100, 37, 163]), _documents([100, 37, 163]), _documents([100, 37, 163])
+    remember_host_copy(known, host)
+    indices = fla_host_splits.chunk_indices(known, 64)
+    assert torch.equal(indices, prepare_chunk_indices(unknown, 64)) and indices.dtype == known.dtype
+    assert fla_host_splits.chunk_indices(known, 64) is indices and calls == [host]
+    assert torch.equal(fla_host_splits.chunk_indices(known, 16), prepare_chunk_indices(unknown, 16))
+    assert torch.equal(fla_host_splits.chunk_indices(unknown, 64), indices) and calls == [host, host, unknown]

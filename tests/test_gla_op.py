@@ -79,3 +79,26 @@ def test_cu_seqlens_is_found_once_per_batch():
     next_batch = torch.tensor([[False, False, False, True]])
     assert resets_to_cu_seqlens(next_batch).tolist() == [0, 3, 4]
     assert first.tolist() == [0, 1, 4]
+
+
+def test_host_documents_are_the_cu_seqlens_the_mixers_get(monkeypatch):
+    """Documents found on the host from the loader's positions, bound to the resets the forward
+    derives from them, are what every fla call gets: equal to finding them from the resets, and
+    without finding them again (the device-to-host sync the binding removes)."""
+    from titan_hybrid.ops import common
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 0, 1, 2, 3, 0, 1]])
+    expected = resets_to_cu_seqlens(positions == 0)
+    documents = common.HostDocuments.of_positions(positions)
+    assert documents.cu_seqlens.dtype == torch.int32 and documents.cu_seqlens.tolist() == expected.tolist()
+
+    def found_again(resets):
+        raise AssertionError("bound documents were looked for again")
+
+    monkeypatch.setattr(common, "_cu_seqlens", found_again)
+    resets = positions == 0
+    documents.bind(resets)
+    bound = resets_to_cu_seqlens(resets)
+    assert bound.tolist() == expected.tolist() and resets_to_cu_seqlens(resets) is bound
+    with pytest.raises(ValueError, match=r"HostDocuments of 16 tokens bound to resets of shape \(1, 8\)"):
+        documents.bind(positions[:1] == 0)

@@ -40,6 +40,7 @@ from titan_hybrid.checkpoint import RNG, ResilientCheckpointManager, RNGState
 from titan_hybrid.config.check import check_job_config
 from titan_hybrid.depth_recurrence import DepthRecurrence
 from titan_hybrid.lifetime import lock_dump_folder
+from titan_hybrid.ops.common import HostDocuments
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -132,8 +133,15 @@ class HybridTrainer(Trainer):
         return inputs, labels, extra_inputs, extra_kwargs
 
     def batch_generator(self, data_iterable: Iterable[Batch]) -> Iterator[Batch]:
+        """TorchTitan's, with each batch kept for the step record and, where the model's fla kernels
+        take packed documents, the batch's documents found on the host (``HostDocuments``: a
+        non-tensor input, which TorchTitan passes to the model's forward as it is)."""
+        find_documents = self.device.type == "cuda" and self.model_args.document_masking
         for batch in super().batch_generator(data_iterable):
             self._step_batches.append(batch)
+            input_dict, _ = batch
+            if find_documents and "positions" in input_dict:
+                input_dict["documents"] = HostDocuments.of_positions(input_dict["positions"])
             yield batch
 
     def train_step(self, data_iterator: Iterator[Batch]) -> None:

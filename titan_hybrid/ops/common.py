@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 # fla's in-kernel l2norm: x / sqrt(sum(x^2) + eps) (eps inside the root, unlike F.normalize).
 L2NORM_EPS = 1e-6
@@ -167,12 +169,15 @@ def recurrent_step_torch(
 def resets_to_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
     """Document starts ``[B, T]`` -> fla's ``cu_seqlens`` over the flattened ``B*T`` tokens.
 
-    Memoised by the identity of ``resets`` (fla's ``tensor_cache``): every layer's forward
-    and backward gets the same ``cu_seqlens`` object, so finding the documents (a host
-    sync) runs once per micro-batch instead of once per fla call, and fla's own
-    ``prepare_chunk_indices`` cache, keyed the same way, hits too. Measured: BENCHMARKS.md.
+    The ``cu_seqlens`` a ``HostDocuments`` was bound to ``resets`` with, when there is one (no
+    sync). Otherwise found from ``resets`` and memoised by its identity (fla's ``tensor_cache``):
+    every layer's forward and backward gets the same ``cu_seqlens`` object, so finding the
+    documents (a host sync) runs once per micro-batch instead of once per fla call, and the chunk
+    indices memoised for that object (``fla_host_splits.chunk_indices``) hit too. Measured:
+    BENCHMARKS.md.
     """
-    return _memoised_cu_seqlens()(resets)
+    bound = _bound_cu_seqlens.get(resets)
+    return bound if bound is not None else _memoised_cu_seqlens()(resets)
 
 
 @functools.cache
@@ -184,19 +189,69 @@ def _memoised_cu_seqlens() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
-    """``resets_to_cu_seqlens`` uncached. The documents are found on the host (one copy of the
-    ``[B, T]`` booleans: the micro-batch's one sync), and the host copy of ``cu_seqlens`` is kept
-    for fla's chunk-state functions, which count their splits from it (``fla_host_splits``)."""
-    from titan_hybrid.ops import fla_kernels
+    """``resets_to_cu_seqlens`` unbound and uncached: the documents are found on the host (one copy
+    of the ``[B, T]`` booleans: the micro-batch's one sync)."""
+    host = host_cu_seqlens(resets)
+    return _on_device(host, resets.device)
 
+
+def host_cu_seqlens(resets: torch.Tensor) -> torch.Tensor:
+    """fla's ``cu_seqlens`` (int32, on the host) of ``resets [B, T]``: every row's start, every
+    document's start, and the total."""
     flat = resets.to("cpu", copy=True)
     flat[:, 0] = True  # every row starts a sequence
     flat = flat.reshape(-1)
-    starts = flat.nonzero().squeeze(-1)
-    host = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
-    cu_seqlens = host.to(resets.device, non_blocking=True)
+    return torch.cat([flat.nonzero().squeeze(-1), torch.tensor([flat.numel()])]).to(torch.int32)
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a sync: staged in pinned memory and copied non-blocking
+    (a copy from pageable memory, or a blocking one, waits for the GPU's queue to drain)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` cu_seqlens on ``device``, its host copy kept for fla's varlen bookkeeping
+    (``fla_host_splits``: the chunk states' split counts and the chunk indices)."""
+    from titan_hybrid.ops import fla_kernels
+
+    cu_seqlens = to_device_async(host, device)
     fla_kernels.remember_host_copy(cu_seqlens, host)
     return cu_seqlens
+
+
+# resets -> the cu_seqlens a HostDocuments bound to it (kept as long as the resets tensor lives).
+_bound_cu_seqlens = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class HostDocuments:
+    """A micro-batch's documents found on the host, before its tensors go to the GPU.
+
+    The trainer makes one per batch from the loader's ``positions`` (``HybridTrainer.
+    batch_generator``); the model binds it to the ``resets`` its forward derives from the same
+    positions on the GPU, so that the forward's first fla call does not copy them back to find the
+    documents (a device-to-host sync that drains the GPU's queue once per micro-batch)."""
+
+    cu_seqlens: torch.Tensor  # int32, on the host: ``host_cu_seqlens`` of the batch's resets
+
+    @classmethod
+    def of_positions(cls, positions: torch.Tensor) -> HostDocuments:
+        """From the host ``positions [B, T]`` (a document starts where its position is 0)."""
+        return cls(host_cu_seqlens(positions == 0))
+
+    def bind(self, resets: torch.Tensor) -> None:
+        """Make these documents ``resets_to_cu_seqlens(resets)``: copied to ``resets``' device
+        without a sync. ``resets`` must describe the same documents (it is derived from the same
+        positions); a batch of another shape is refused."""
+        if self.cu_seqlens[-1].item() != resets.numel():
+            raise ValueError(
+                f"HostDocuments of {self.cu_seqlens[-1].item()} tokens bound to resets of shape {tuple(resets.shape)}"
+            )
+        # Off CUDA no fla call reads them (and fla is not imported there): the host tensor will do.
+        _bound_cu_seqlens[resets] = _on_device(self.cu_seqlens, resets.device) if resets.is_cuda else self.cu_seqlens
 
 
 def pack_rows(resets: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -219,11 +274,12 @@ def fla_layout(
     resets: torch.Tensor | None, chunk_size: int, *tensors: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """``pack_rows``' layout made contiguous (what fla's ``input_guard`` does), its ``cu_seqlens``,
-    and the varlen chunk indices that fla's autograd Functions prepare for ``chunk_size``."""
+    and the varlen chunk indices that fla's autograd Functions prepare for ``chunk_size`` (from the
+    host copy of ``cu_seqlens``: ``fla_host_splits.chunk_indices``)."""
     from titan_hybrid.ops import fla_kernels
 
     flat, cu_seqlens = pack_rows(resets, *tensors)
-    chunk_indices = None if cu_seqlens is None else fla_kernels.prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = None if cu_seqlens is None else fla_kernels.chunk_indices(cu_seqlens, chunk_size)
     return [t.contiguous() for t in flat], cu_seqlens, chunk_indices
 
 

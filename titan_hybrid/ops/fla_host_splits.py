@@ -1,4 +1,5 @@
-"""fla's chunk-state functions for packed documents without a device-to-host sync per call.
+"""fla's varlen bookkeeping for packed documents from the host copy of ``cu_seqlens``: no
+device-to-host sync per call.
 
 fla 0.6.0's ``chunk_fwd_h`` and ``chunk_bwd_dh`` (GLA's inter-chunk states, forward, recomputed in
 the backward, and their gradients) size their output with ``split_offsets[-1].item()`` when given
@@ -12,6 +13,11 @@ falls through to fla's function. On by default (``TITAN_HYBRID_HOST_SPLITS=0`` t
 H100 it took 18 GLA layers' forward + backward on one micro-batch from 55 syncs to none besides the
 micro-batch's own (finding its documents), bitwise equal, and the shipped masked 308M run from
 137.0-139.4k to 143.6k tokens/s (BENCHMARKS.md, "Host split counts").
+
+The varlen chunk indices every chunk kernel takes (``chunk_indices``) come from the host copy too:
+fla's ``prepare_chunk_indices`` on the device runs a ``repeat_interleave`` whose output size it
+reads back (a sync per micro-batch); on the host copy it needs none, and the result is copied over
+non-blocking.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import torch
 import triton
 from fla.backends import BaseBackend, register
 from fla.ops.common.chunk_h import chunk_bwd_kernel_dh, chunk_fwd_kernel_h
-from fla.ops.utils import prepare_chunk_offsets
+from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from torch.utils.weak import WeakIdKeyDictionary
 
+from titan_hybrid.ops.common import to_device_async
+
 _host_copies = WeakIdKeyDictionary()
+_chunk_indices = WeakIdKeyDictionary()  # cu_seqlens -> {chunk size: its chunk indices, on its device}
 
 
 def remember_host_copy(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor) -> None:
@@ -39,6 +48,19 @@ def host_split_count(cu_seqlens: torch.Tensor, split_size: int) -> int | None:
     if host is None:
         return None
     return int(prepare_chunk_offsets(host, split_size)[-1])
+
+
+def chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``prepare_chunk_indices(cu_seqlens, chunk_size)``: from the host copy when there is one (fla's
+    function on it, copied over without a sync, once per ``cu_seqlens`` and chunk size), else
+    fla's function on the device."""
+    host = _host_copies.get(cu_seqlens)
+    if host is None:
+        return prepare_chunk_indices(cu_seqlens, chunk_size)
+    by_size = _chunk_indices.setdefault(cu_seqlens, {})
+    if chunk_size not in by_size:
+        by_size[chunk_size] = to_device_async(prepare_chunk_indices(host, chunk_size), cu_seqlens.device)
+    return by_size[chunk_size]
 
 
 def _accepts(cu_seqlens: torch.Tensor | None) -> tuple[bool, str | None]:

@@ -17,10 +17,9 @@ from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd
 from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd
 from fla.ops.gla import chunk_gla, fused_recurrent_gla
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
-from fla.ops.utils import prepare_chunk_indices
 from fla.utils import custom_device_ctx, tensor_cache
 
-from titan_hybrid.ops.fla_host_splits import remember_host_copy  # and registers its fla backend
+from titan_hybrid.ops.fla_host_splits import chunk_indices, remember_host_copy  # and registers its fla backend
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -32,6 +31,7 @@ __all__ = [
     "chunk_gla",
     "chunk_gla_bwd",
     "chunk_gla_fwd",
+    "chunk_indices",
     "custom_device_ctx",
     "fused_recurrent_fwd_kernel",
     "fused_recurrent_gated_delta_rule",
@@ -40,7 +40,6 @@ __all__ = [
     "fused_recurrent_tiling",
     "l2norm_bwd",
     "l2norm_fwd",
-    "prepare_chunk_indices",
     "remember_host_copy",
     "tensor_cache",
 ]

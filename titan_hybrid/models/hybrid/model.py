@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 from torchtitan.protocols.model import ModelProtocol
 
+from titan_hybrid.ops.common import HostDocuments
 from titan_hybrid.ops.decode_linear import PreNormed
 from titan_hybrid.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -242,12 +243,17 @@ class HybridLM(ModelProtocol):
         positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         attention_masks: BlockMask | None = None,
+        documents: HostDocuments | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``labels``, the summed loss of the fused output projection
         instead (``loss_chunk_tokens`` tokens at a time; 0 = all at once). ``attention_masks``:
-        ``get_attention_masks``' block mask (``attn_type = "flex"``)."""
+        ``get_attention_masks``' block mask (``attn_type = "flex"``). ``documents``: the batch's
+        documents as the host found them from ``positions`` (the trainer's), so that no mixer
+        copies ``positions`` back to find them."""
         B, T = tokens.shape
         resets, doc_ids = self._documents(positions)
+        if resets is not None and documents is not None:
+            documents.bind(resets)
         if resets is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)

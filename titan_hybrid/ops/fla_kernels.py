@@ -17,11 +17,14 @@ from fla.ops.gdn2.chunk_fwd import chunk_gdn2_fwd
 from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd
 from fla.ops.gla import chunk_gla, fused_recurrent_gla
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.utils.constant import RCP_LN2
+from fla.ops.utils.cumsum import chunk_local_cumsum
 from fla.utils import custom_device_ctx, tensor_cache
 
 from titan_hybrid.ops.fla_host_splits import chunk_indices, remember_host_copy  # and registers its fla backend
 
 __all__ = [
+    "RCP_LN2",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_bwd",
     "chunk_gated_delta_rule_fwd",
@@ -32,6 +35,7 @@ __all__ = [
     "chunk_gla_bwd",
     "chunk_gla_fwd",
     "chunk_indices",
+    "chunk_local_cumsum",
     "custom_device_ctx",
     "fused_recurrent_fwd_kernel",
     "fused_recurrent_gated_delta_rule",

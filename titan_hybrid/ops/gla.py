@@ -173,8 +173,12 @@ def fla_chunk_gla(
     shape = v.shape
     (q, k, v, g), cu_seqlens, chunk_indices, chunk_size = _fla_layout(resets, q, k, v, g)
     with torch.cuda.device(q.device):
+        # chunk_gla_fwd's own g cumsum, given the chunk indices it would prepare on the device (a sync)
+        g_cumsum = fla_kernels.chunk_local_cumsum(
+            g, chunk_size, scale=fla_kernels.RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices
+        )
         g_cumsum, A, _, _, o = fla_kernels.chunk_gla_fwd(
-            q, k, v, g, None, scale, None, False,
+            q, k, v, g, g_cumsum, scale, None, False,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices,
         )  # fmt: skip
     return o.reshape(shape), g_cumsum.float(), A  # fp32 whatever g's dtype, as the fake declares

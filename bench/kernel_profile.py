@@ -5,9 +5,9 @@
 Prints (1) how busy the GPU was between the step's first and last kernel, (2) the
 device time per kernel family and per kernel name, and (3) the longest idle gaps with the kernels around
 them: a GPU that waits on the host (launch overhead, the data loader, a sync) shows
-up as gaps, not as slow kernels; all gaps by length, and the short ones by the family of the
-kernel that ends them (many short gaps before one family: the host launches it slower than the GPU
-runs what came before); (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
+up as gaps, not as slow kernels; all gaps by length, and the shorter ones (up to 100 us, and
+100 us to 1 ms) by the family of the kernel that ends them (many such gaps before one family: the
+host launches it slower than the GPU runs what came before); (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
 ``nonzero``, a copy to pageable host memory), how often each ran and how long the host waited in
 CUDA's synchronising calls. Each sync drains the GPU's queue, so what the host does next shows as
 idle GPU time. Run it on a step that is not the first profiled one.
@@ -34,8 +34,12 @@ class Kernel:
 
 
 def read_events(trace_path: str) -> list[dict]:
-    with open(trace_path) as f:
-        return json.load(f)["traceEvents"]
+    """The trace's events; a file that is no profiler trace is refused naming it."""
+    try:
+        with open(trace_path) as f:
+            return json.load(f)["traceEvents"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{trace_path}: not a torch.profiler trace (a JSON object with 'traceEvents'): {e!r}") from e
 
 
 def read_kernels(events: list[dict]) -> list[Kernel]:
@@ -86,7 +90,6 @@ def gaps(kernels: list[Kernel]) -> list[tuple[float, Kernel, Kernel]]:
 # Upper bounds (us) of the gap-length buckets: launch latency, host launch overhead, a sync's
 # drain and refill, longer host work.
 GAP_BUCKETS_US = (5.0, 20.0, 100.0, 1000.0, float("inf"))
-SHORT_GAP_US = 100.0
 
 
 def gap_histogram(found: list[tuple[float, Kernel, Kernel]]) -> list[tuple[float, int, float]]:
@@ -99,11 +102,12 @@ def gap_histogram(found: list[tuple[float, Kernel, Kernel]]) -> list[tuple[float
     return [tuple(r) for r in rows]
 
 
-def short_gaps_by_family(found: list[tuple[float, Kernel, Kernel]]) -> dict[str, list[float]]:
-    """Gaps of at most ``SHORT_GAP_US``, ``[count, idle us]`` per family of the kernel ending them."""
+def gaps_by_family(found: list[tuple[float, Kernel, Kernel]], above_us: float, up_to_us: float) -> dict[str, list[float]]:
+    """Gaps longer than ``above_us`` and at most ``up_to_us``: ``[count, idle us]`` per family of the
+    kernel ending them."""
     by_family: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for gap, _, after in found:
-        if gap <= SHORT_GAP_US:
+        if above_us < gap <= up_to_us:
             by_family[family(after.name)][0] += 1
             by_family[family(after.name)][1] += gap
     return dict(by_family)
@@ -171,9 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     for bound, count, us in gap_histogram(found):
         print(f"{count:9,d} {us / 1e3:8.1f}  {lower:g}-{bound:g} us")
         lower = bound
-    print(f"\n{'gaps':>9} {'idle ms':>8}  gaps <= {SHORT_GAP_US:g} us, by the family of the kernel after them")
-    for name, (count, us) in sorted(short_gaps_by_family(found).items(), key=lambda kv: -kv[1][1]):
-        print(f"{int(count):9,d} {us / 1e3:8.1f}  {name}")
+    for above, up_to in ((0.0, 100.0), (100.0, 1000.0)):
+        print(f"\n{'gaps':>9} {'idle ms':>8}  gaps of {above:g}-{up_to:g} us, by the family of the kernel after them")
+        for name, (count, us) in sorted(gaps_by_family(found, above, up_to).items(), key=lambda kv: -kv[1][1]):
+            print(f"{int(count):9,d} {us / 1e3:8.1f}  {name}")
 
     ops, waited = host_syncs(events)
     print("\nhost syncs (CPU ops that waited on the GPU, and the waiting runtime calls):")

@@ -3,7 +3,7 @@
 import json
 
 from bench import kernel_profile
-from bench.kernel_profile import Kernel, busy_time_us, gap_histogram, gaps, short_gaps_by_family
+from bench.kernel_profile import Kernel, busy_time_us, gap_histogram, gaps, gaps_by_family
 
 
 def kernels() -> list[Kernel]:
@@ -28,11 +28,12 @@ def test_gaps_are_the_idle_intervals_between_overlapping_streams():
     assert busy_time_us(kernels()) == 2110.0 - 2053.0
 
 
-def test_gap_histogram_and_short_gaps_by_family():
+def test_gap_histogram_and_gaps_by_family():
     found = gaps(kernels())
     assert gap_histogram(found) == [(5.0, 1, 3.0), (20.0, 0, 0.0), (100.0, 1, 50.0), (1000.0, 0, 0.0),
                                     (float("inf"), 1, 2000.0)]  # fmt: skip
-    assert short_gaps_by_family(found) == {"fla linear attention": [1, 3.0], "Inductor fused kernels": [1, 50.0]}
+    assert gaps_by_family(found, 0, 100) == {"fla linear attention": [1, 3.0], "Inductor fused kernels": [1, 50.0]}
+    assert gaps_by_family(found, 5, 10_000) == {"Inductor fused kernels": [1, 50.0], "GEMM (cuBLAS / CUTLASS)": [1, 2000.0]}
 
 
 def test_main_prints_the_gap_buckets(tmp_path, capsys):
@@ -44,3 +45,12 @@ def test_main_prints_the_gap_buckets(tmp_path, capsys):
     assert "5 kernels; span 2.1 ms, GPU busy 0.1 ms (2.7%)" in out
     assert "        1      2.0  1000-inf us" in out
     assert "        1      0.1  Inductor fused kernels" in out
+
+
+def test_a_file_that_is_no_trace_is_refused_by_name(tmp_path):
+    import pytest
+
+    bad = tmp_path / "trace.json"
+    bad.write_text('{"events": []}')
+    with pytest.raises(SystemExit, match=r"trace.json: not a torch.profiler trace .*'traceEvents'"):
+        kernel_profile.main([str(bad)])

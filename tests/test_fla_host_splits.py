@@ -126,6 +126,19 @@ def test_cu_seqlens_of_a_micro_batch_carry_their_host_copy():
     assert host_split_count(cu_seqlens, 64) == 1 + 1 + 1 + 2 + 1
 
 
+def test_the_chunk_indices_go_over_with_the_cu_seqlens(monkeypatch):
+    """The packed chunk size's indices are made when the ``cu_seqlens`` are (where the GPU's queue
+    is short), so the first fla call finds them made."""
+    from titan_hybrid.ops.common import FLA_PACKED_CHUNK, resets_to_cu_seqlens
+
+    resets = torch.zeros(2, 100, dtype=torch.bool)
+    resets[1, 7] = True
+    cu_seqlens = resets_to_cu_seqlens(resets)
+    monkeypatch.setattr(fla_host_splits, "prepare_chunk_indices", None)  # a call from now on would fail
+    indices = fla_host_splits.chunk_indices(cu_seqlens, FLA_PACKED_CHUNK)
+    assert torch.equal(indices, prepare_chunk_indices(cu_seqlens.clone(), FLA_PACKED_CHUNK))
+
+
 def test_chunk_indices_come_from_the_host_copy(monkeypatch):
     """fla's chunk indices of a ``cu_seqlens`` with a host copy are fla's function on that copy
     (no ``repeat_interleave`` on the device), made once per chunk size; other ``cu_seqlens`` get

@@ -37,6 +37,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 L2NORM_EPS = 1e-6
 # fla's chunk length for the gated delta rule (its default) and GDN-2 (the only one it takes).
 FLA_DELTA_CHUNK = 64
+# The chunk length of every fla chunk kernel here on packed rows of >= 64 tokens (GLA's choice, ops.gla).
+FLA_PACKED_CHUNK = 64
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -214,11 +216,14 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host`` cu_seqlens on ``device``, its host copy kept for fla's varlen bookkeeping
-    (``fla_host_splits``: the chunk states' split counts and the chunk indices)."""
+    (``fla_host_splits``: the chunk states' split counts and the chunk indices). The chunk indices
+    of ``FLA_PACKED_CHUNK`` go over with it: here the GPU's queue is short (the batch's copy has
+    just drained it), so if the driver waits for it to stage a copy, it waits for little."""
     from titan_hybrid.ops import fla_kernels
 
     cu_seqlens = to_device_async(host, device)
     fla_kernels.remember_host_copy(cu_seqlens, host)
+    fla_kernels.chunk_indices(cu_seqlens, FLA_PACKED_CHUNK)
     return cu_seqlens
 
 

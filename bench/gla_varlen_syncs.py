@@ -1,13 +1,16 @@
-"""fla's GLA chunk op on packed documents: host syncs and time per forward + backward, with fla's
-state-split counts read from the device (its ``.item()``) and counted on the host
-(``titan_hybrid.ops.fla_host_splits``, switched by ``TITAN_HYBRID_HOST_SPLITS``).
+"""fla's GLA chunk op on packed documents: host syncs and time per micro-batch (forward + backward),
+with fla's state-split counts read from the device (its ``.item()``) or counted on the host
+(``titan_hybrid.ops.fla_host_splits``, switched by ``TITAN_HYBRID_HOST_SPLITS``), and with the
+micro-batch's documents found from the device ``resets`` or handed over from the host
+(``HostDocuments``, as the trainer does).
 
     python -m bench.gla_varlen_syncs [--layers 18] [--batch 8] [--seq 4096] [--mean-doc 1000] [--repeats 5]
 
 One micro-batch of the 308M model's GLA layers (16 heads of 64, bf16, fp32 log decays) through
 ``titan_hybrid.ops.gla.chunk_gla`` (the training custom op), ``--layers`` calls forward then
-backward, as a step runs them. Syncs are counted with ``torch.cuda.set_sync_debug_mode`` (one
-warning per synchronising call); outputs and gradients of the two modes are compared bit for bit.
+backward, as a step runs them. Each run is a new micro-batch (a fresh ``resets`` tensor: nothing
+found for the last one is reused). Syncs are counted with ``torch.cuda.set_sync_debug_mode`` (one
+warning per synchronising call); outputs and gradients of the modes are compared bit for bit.
 Needs a CUDA GPU and fla.
 """
 
@@ -21,6 +24,7 @@ import warnings
 
 import torch
 
+from titan_hybrid.ops.common import HostDocuments, host_cu_seqlens
 from titan_hybrid.ops.gla import chunk_gla
 
 
@@ -35,8 +39,12 @@ def documents(batch: int, seq: int, mean: float, gen: torch.Generator) -> torch.
     return resets
 
 
-def run(inputs: list[torch.Tensor], resets: torch.Tensor, layers: int) -> list[torch.Tensor]:
-    """``layers`` forwards, then the backward through all of them; returns outputs and input grads."""
+def run(inputs: list[torch.Tensor], resets: torch.Tensor, layers: int, documents: HostDocuments | None) -> list[torch.Tensor]:
+    """One micro-batch: ``layers`` forwards, then the backward through all of them; returns outputs
+    and input grads. ``documents``: bound to the micro-batch's resets first, as the model's forward does."""
+    resets = resets.clone()  # a new micro-batch: its documents are found (or bound) again
+    if documents is not None:
+        documents.bind(resets)
     outputs = [chunk_gla(*inputs, resets=resets) for _ in range(layers)]
     sum(o.float().square().mean() for o in outputs).backward()
     grads = [x.grad.clone() for x in inputs]
@@ -45,25 +53,27 @@ def run(inputs: list[torch.Tensor], resets: torch.Tensor, layers: int) -> list[t
     return [outputs[-1].detach(), *grads]
 
 
-def measure(inputs: list[torch.Tensor], resets: torch.Tensor, layers: int, repeats: int, host_splits: bool) -> dict:
+def measure(inputs: list[torch.Tensor], resets: torch.Tensor, layers: int, repeats: int, host_splits: bool,
+            documents: HostDocuments | None) -> dict:  # fmt: skip
     os.environ["TITAN_HYBRID_HOST_SPLITS"] = "1" if host_splits else "0"
-    run(inputs, resets, layers)  # warm-up (autotuning on the first call)
+    run(inputs, resets, layers, documents)  # warm-up (autotuning on the first call)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        result = run(inputs, resets, layers)
+        result = run(inputs, resets, layers, documents)
         torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(inputs, resets, layers)
+        run(inputs, resets, layers, documents)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"host_splits": host_splits, "syncs": syncs, "ms": [round(t * 1e3, 2) for t in times],
-            "ms_median": round(sorted(times)[len(times) // 2] * 1e3, 2), "result": result}  # fmt: skip
+    return {"host_splits": host_splits, "host_documents": documents is not None, "syncs": syncs,
+            "ms": [round(t * 1e3, 2) for t in times], "ms_median": round(sorted(times)[len(times) // 2] * 1e3, 2),
+            "result": result}  # fmt: skip
 
 
 def main() -> None:
@@ -85,12 +95,13 @@ def main() -> None:
     inputs = [x.requires_grad_() for x in (q, k, v, g)]
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "documents": int(resets.sum()),
            "shape": [B, T, H, D], "layers": cli.layers}  # fmt: skip
+    host_documents = HostDocuments(host_cu_seqlens(resets.cpu()))  # what the trainer finds from the loader's positions
     results = []
-    for host_splits in (False, True):  # each row printed as soon as it is measured
-        row = measure(inputs, resets, cli.layers, cli.repeats, host_splits)
+    for host_splits, handed_over in ((False, None), (True, None), (True, host_documents)):  # each row as it is measured
+        row = measure(inputs, resets, cli.layers, cli.repeats, host_splits, handed_over)
         results.append(row.pop("result"))
         emit({**env, **row}, cli.out)
-    identical = all(torch.equal(a, b) for a, b in zip(*results))
+    identical = all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
     emit({**env, "bitwise_equal_outputs_and_grads": identical}, cli.out)
 
 

@@ -8,7 +8,8 @@ them: a GPU that waits on the host (launch overhead, the data loader, a sync) sh
 up as gaps, not as slow kernels; all gaps by length, and the shorter ones (up to 100 us, and
 100 us to 1 ms) by the family of the kernel that ends them (many such gaps before one family: the
 host launches it slower than the GPU runs what came before); (4) the host syncs: the CPU ops that wait for the GPU (``.item()``,
-``nonzero``, a copy to pageable host memory), how often each ran and how long the host waited in
+``nonzero``, a copy to pageable host memory), how often each ran and inside which ops (a custom op,
+a compiled graph's backward, the optimizer), and how long the host waited in
 CUDA's synchronising calls. Each sync drains the GPU's queue, so what the host does next shows as
 idle GPU time. Run it on a step that is not the first profiled one.
 """
@@ -118,9 +119,9 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interlea
 WAITING_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
-def host_syncs(events: list[dict]) -> tuple[dict[str, int], dict[str, list[float]]]:
-    """Calls of each ``SYNC_OPS`` op that contain a waiting runtime call (counted once per op
-    call), and per waiting call its count and total duration (us)."""
+def host_syncs(events: list[dict]) -> tuple[dict[tuple[str, str], int], dict[str, list[float]]]:
+    """Calls of each ``SYNC_OPS`` op that contain a waiting runtime call (counted once per op call),
+    by op and by where it ran (``sync_site``), and per waiting call its count and total duration (us)."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     waits = sorted(
         (e for e in complete if e["name"] in WAITING_CALLS), key=lambda e: float(e["ts"])
@@ -130,14 +131,27 @@ def host_syncs(events: list[dict]) -> tuple[dict[str, int], dict[str, list[float
         waited[e["name"]][0] += 1
         waited[e["name"]][1] += float(e["dur"])
     starts = [float(e["ts"]) for e in waits]
-    ops: dict[str, int] = defaultdict(int)
-    for e in complete:
-        if e.get("cat") == "cpu_op" and e["name"] in SYNC_OPS:
+    cpu_ops = [e for e in complete if e.get("cat") == "cpu_op"]
+    ops: dict[tuple[str, str], int] = defaultdict(int)
+    for e in cpu_ops:
+        if e["name"] in SYNC_OPS:
             begin, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
             i = bisect.bisect_left(starts, begin)
             if i < len(starts) and starts[i] <= end:
-                ops[e["name"]] += 1
+                ops[(e["name"], sync_site(e, cpu_ops))] += 1
     return dict(ops), dict(waited)
+
+
+def sync_site(op: dict, cpu_ops: list[dict], depth: int = 3) -> str:
+    """The CPU ops enclosing ``op`` on its thread, outermost first (at most ``depth``): which part of
+    the step (a custom op, a compiled graph, an optimizer) a sync came from."""
+    begin, end = float(op["ts"]), float(op["ts"]) + float(op["dur"])
+    enclosing = [
+        e for e in cpu_ops
+        if e is not op and e.get("tid") == op.get("tid") and float(e["ts"]) <= begin and float(e["ts"]) + float(e["dur"]) >= end
+    ]  # fmt: skip
+    enclosing.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
+    return " > ".join(e["name"] for e in enclosing[:depth]) or "(top level)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ops, waited = host_syncs(events)
     print("\nhost syncs (CPU ops that waited on the GPU, and the waiting runtime calls):")
-    for name, calls in sorted(ops.items(), key=lambda kv: -kv[1]):
-        print(f"{calls:9d}  {name}")
+    for (name, site), calls in sorted(ops.items(), key=lambda kv: -kv[1]):
+        print(f"{calls:9d}  {name}  in {site[:160]}")
     for name, (calls, us) in sorted(waited.items(), key=lambda kv: -kv[1][1]):
         print(f"{int(calls):9d}  {name}: {us / 1e3:,.1f} ms waited")
 

@@ -54,3 +54,24 @@ def test_a_file_that_is_no_trace_is_refused_by_name(tmp_path):
     bad.write_text('{"events": []}')
     with pytest.raises(SystemExit, match=r"trace.json: not a torch.profiler trace .*'traceEvents'"):
         kernel_profile.main([str(bad)])
+
+
+def test_host_syncs_say_where_they_ran():
+    """A sync op counts when a waiting runtime call runs inside it, by where it ran (its enclosing ops)."""
+    from bench.kernel_profile import host_syncs
+
+    def op(name, ts, dur, cat="cpu_op", tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        op("titan_hybrid::fla_chunk_gla", 0, 100),
+        op("aten::repeat_interleave", 10, 20),
+        op("cudaStreamSynchronize", 12, 15, cat="cuda_runtime"),
+        op("aten::repeat_interleave", 50, 5),  # no wait inside: not a sync
+        op("aten::_local_scalar_dense", 200, 10, tid=2),
+        op("cudaStreamSynchronize", 201, 8, cat="cuda_runtime", tid=2),
+    ]
+    ops, waited = host_syncs(events)
+    assert ops == {("aten::repeat_interleave", "titan_hybrid::fla_chunk_gla"): 1,
+                   ("aten::_local_scalar_dense", "(top level)"): 1}  # fmt: skip
+    assert waited == {"cudaStreamSynchronize": [2, 23.0]}

@@ -85,6 +85,8 @@ def test_the_trainer_hands_the_model_the_documents_of_each_batch():
         trainer.metrics_processor = SimpleNamespace(ntokens_since_last_log=0, data_loading_times=[])
         batches = trainer.batch_generator([({"input": tokens, "positions": positions}, tokens)])
         (input_dict, _), = itertools.islice(batches, 1)
+        (kept, _), = trainer._step_batches
+        assert kept.keys() == {"input", "positions"} and kept["input"] is tokens, "kept as the loader gave it"
         return input_dict
 
     input_dict = first_batch("cuda", document_masking=True)

@@ -133,13 +133,14 @@ class HybridTrainer(Trainer):
         return inputs, labels, extra_inputs, extra_kwargs
 
     def batch_generator(self, data_iterable: Iterable[Batch]) -> Iterator[Batch]:
-        """TorchTitan's, with each batch kept for the step record and, where the model's fla kernels
-        take packed documents, the batch's documents found on the host (``HostDocuments``: a
-        non-tensor input, which TorchTitan passes to the model's forward as it is)."""
+        """TorchTitan's, with each batch kept as the loader gave it (host tensors only: what the step
+        record hashes and a non-finite step saves) and, where the model's fla kernels take packed
+        documents, the batch's documents found on the host (``HostDocuments``: a non-tensor input,
+        which TorchTitan passes to the model's forward as it is)."""
         find_documents = self.device.type == "cuda" and self.model_args.document_masking
         for batch in super().batch_generator(data_iterable):
-            self._step_batches.append(batch)
-            input_dict, _ = batch
+            input_dict, labels = batch
+            self._step_batches.append((dict(input_dict), labels))  # TorchTitan moves input_dict's tensors
             if find_documents and "positions" in input_dict:
                 input_dict["documents"] = HostDocuments.of_positions(input_dict["positions"])
             yield batch

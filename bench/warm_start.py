@@ -39,6 +39,8 @@ TRAINING_STARTS = re.compile(r"Training starts at step")
 # TORCH_LOGS=dynamo (set, with recompiles, unless the caller sets TORCH_LOGS) it marks when the data
 # loader delivered.
 FIRST_TRACE = re.compile(r"torchdynamo start tracing")
+# ops.fla_kernels' line: importing fla, which the first fla call of step 1 does.
+IMPORTED_FLA = re.compile(r"imported fla in ([\d.]+) s")
 # What run_train.sh sets from TITAN_HYBRID_CACHE_DIR; a value from the caller would win there.
 CACHE_VARS = (
     "TRITON_CACHE_DIR",
@@ -50,11 +52,13 @@ CACHE_VARS = (
 
 
 def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path) -> dict[str, float | dict]:
-    """One step of training; seconds from the launch to "Training starts" and to the step-1 line."""
+    """One step of training; seconds from the launch to "Training starts" and to the step-1 line (and
+    the fla import's, which the log gives on CUDA)."""
     env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
     env.update(TITAN_HYBRID_CACHE_DIR=str(cache_dir), LOG_RANK="0", PYTHON=env.get("PYTHON", sys.executable))
     env.setdefault("TORCH_LOGS", "dynamo,recompiles")  # recompiles: why a graph is compiled again
     marks: dict[str, float] = {}
+    values: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="warm_start_dump_") as dump:
         # Plain metric lines: on a terminal-less GPU run TorchTitan colours them, which STEP_1 would miss.
         cmd = [str(ROOT / "run_train.sh"), config, "--job.dump_folder", dump, "--training.steps", "1",
@@ -70,6 +74,8 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
                                       ("step_1", STEP_1)):  # fmt: skip
                     if name not in marks and pattern.search(line):
                         marks[name] = time.monotonic() - start
+                if (imported := IMPORTED_FLA.search(line)) and "fla_import_s" not in values:
+                    values["fla_import_s"] = float(imported.group(1))
     if proc.returncode != 0 or "step_1" not in marks:
         sys.stdout.write(log_path.read_text()[-4000:])
         raise SystemExit(f"training exited with {proc.returncode} before step 1 ended; log: {log_path}")
@@ -78,7 +84,7 @@ def timed_run(config: str, overrides: list[str], cache_dir: Path, log_path: Path
            "step_1_s": round(marks["step_1"] - startup, 1), "cache_mib": cache_sizes(cache_dir)}  # fmt: skip
     if "first_trace" in marks:  # compiled runs: step 1 = waiting for the first batch + compiling and running
         run["first_batch_wait_s"] = round(marks["first_trace"] - startup, 1)
-    return run
+    return run | values
 
 
 def cache_sizes(cache_dir: Path) -> dict[str, float]:
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
               "ngpu": int(os.environ.get("NGPU", "0")) or None}  # fmt: skip
     for kind, run in runs.items():
         wait = f", {run['first_batch_wait_s']:.1f} s of it until the first batch" if "first_batch_wait_s" in run else ""
+        wait += f", {run['fla_import_s']:.1f} s importing fla" if "fla_import_s" in run else ""
         print(f"{label} {kind}: step 1 ends {run['warmup_s']:.1f} s after launch (start-up {run['startup_s']:.1f} s, "
               f"step 1 {run['step_1_s']:.1f} s{wait}); cache MiB {run['cache_mib']}")  # fmt: skip
     with open(args.out, "a") as f:

@@ -75,3 +75,4 @@ def test_host_syncs_say_where_they_ran():
     assert ops == {("aten::repeat_interleave", "titan_hybrid::fla_chunk_gla"): 1,
                    ("aten::_local_scalar_dense", "(top level)"): 1}  # fmt: skip
     assert waited == {"cudaStreamSynchronize": [2, 23.0]}
+

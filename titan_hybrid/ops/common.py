@@ -37,8 +37,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 L2NORM_EPS = 1e-6
 # fla's chunk length for the gated delta rule (its default) and GDN-2 (the only one it takes).
 FLA_DELTA_CHUNK = 64
-# The chunk length of every fla chunk kernel here on packed rows of >= 64 tokens (GLA's choice, ops.gla).
-FLA_PACKED_CHUNK = 64
+# The chunk length of every fla chunk kernel here on packed rows of >= 64 tokens: the delta rules'
+# and the cap of GLA's choice (ops.gla._chunk_size).
+FLA_PACKED_CHUNK = FLA_DELTA_CHUNK
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from titan_hybrid.ops.common import call_fla, call_fla_step, chunk_recurrence_torch, fla_layout, recurrent_step_torch
+from titan_hybrid.ops.common import (
+    FLA_PACKED_CHUNK,
+    call_fla,
+    call_fla_step,
+    chunk_recurrence_torch,
+    fla_layout,
+    recurrent_step_torch,
+)
 
 
 def chunk_gla_torch(
@@ -152,8 +159,8 @@ def _(q, k, v, g, state, scale):
 
 
 def _chunk_size(T: int) -> int:
-    """fla ChunkGLAFunction's choice: the next power of two of T, within [16, 64]."""
-    return min(64, max(16, 1 << (T - 1).bit_length()))
+    """fla ChunkGLAFunction's choice: the next power of two of T, within [16, 64 = FLA_PACKED_CHUNK]."""
+    return min(FLA_PACKED_CHUNK, max(16, 1 << (T - 1).bit_length()))
 
 
 def _fla_layout(resets: torch.Tensor | None, *tensors: torch.Tensor):
